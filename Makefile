@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` and `make test`. Each builds the
+# virtual environment it needs on first use (CPU JAX; torch's CPU build for
+# the teacher export, which lies on these machines' disk).
+VENV   ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Eight virtual CPU devices, so every sharded code path runs without a GPU.
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+
+.PHONY: demo test clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e '.[teacher,dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(PYTHON) -m dinorank_jax.bench.losses
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q -n 2 tests
+
+clean:
+	rm -rf $(VENV)
