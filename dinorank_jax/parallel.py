@@ -1,4 +1,4 @@
-"""The one place that builds device meshes and shardings.
+"""The one place that builds device meshes.
 
 Axis names: `data` shards the batch (rows of every loss) across all devices
 of all hosts.
@@ -6,7 +6,7 @@ of all hosts.
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 DATA = "data"
 
@@ -19,12 +19,3 @@ def make_mesh(devices=None) -> Mesh:
   """
   devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), (DATA,))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading axis split over `data`, the rest replicated."""
-  return NamedSharding(mesh, P(DATA))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())

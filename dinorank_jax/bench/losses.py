@@ -6,7 +6,9 @@ text embeddings scored against the `M` gathered items of the global batch
 
 * InfoNCE: `½ [CE(S) + CE(Sᵀ)]` (`contrastive.infonce_nll`);
 * order R: the cross-modal rank term `½ [PL(S, Sᵀ) + PL(Sᵀ, S)]`
-  (`ranking.mutual_rank_term`); the in-modal term costs the same again.
+  (`ranking.mutual_rank_term`); the in-modal term costs the same again;
+* sort floor: only the two reference sorts and the gathers into reference
+  order, the part of order 1 that any sort-based ListMLE pays.
 
 Gradients flow to the embeddings, the gathered items and the heads.
 
@@ -27,13 +29,14 @@ import jax
 import jax.numpy as jnp
 
 from dinorank_jax.losses.contrastive import infonce_nll
+from dinorank_jax.losses.plackett_luce import reference_order
 from dinorank_jax.losses.ranking import HighOrderPL, mutual_rank_term
 
 EMBED_DIM = 512
 GIB = 2 ** 30
-# (label, order, high_order_len); order None is InfoNCE.
-CASES = (("InfoNCE", None, None), ("order 1", 1, None), ("order 2, H=128", 2, 128),
-         ("order 3, H=128", 3, 128), ("order 3 exact", 3, None))
+# (label, order, high_order_len); order None is InfoNCE, "sort" the sort floor.
+CASES = (("InfoNCE", None, None), ("sort floor", "sort", None), ("order 1", 1, None),
+         ("order 2, H=128", 2, 128), ("order 3, H=128", 3, 128), ("order 3 exact", 3, None))
 
 
 def make_loss(order, high_order_len, chunk_size):
@@ -47,6 +50,14 @@ def make_loss(order, high_order_len, chunk_size):
       s, s_t = similarities(*embeddings)
       targets = jnp.arange(s.shape[0])      # row i's partner is item i
       return jnp.mean(0.5 * (infonce_nll(s, targets) + infonce_nll(s_t, targets)))
+    return (lambda *_: {}), loss
+
+  if order == "sort":
+    def loss(params, *embeddings):
+      del params
+      s, s_t = similarities(*embeddings)
+      gathered = [jnp.take_along_axis(a, reference_order(b), axis=1) for a, b in ((s, s_t), (s_t, s))]
+      return jnp.mean(gathered[0] * gathered[1])
     return (lambda *_: {}), loss
 
   head = HighOrderPL(order=order, chunk_size=chunk_size)

@@ -44,13 +44,15 @@ def reference_order(ref: jax.Array, tie_key: jax.Array | None = None) -> jax.Arr
     int32 `[rows, M]`: `π_i(k)` = the item at position k of row i.
   """
   ref = jax.lax.stop_gradient(ref)
-  rows, m = ref.shape
-  shuffle = None if tie_key is None else jax.random.permutation(tie_key, m).astype(jnp.int32)
-  if shuffle is not None:
-    ref = ref[:, shuffle]
-  column = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (rows, m))
-  order = jax.lax.sort((-ref, column), dimension=1, is_stable=True, num_keys=1)[1]
-  return order if shuffle is None else shuffle[order]
+  if tie_key is None:
+    return _stable_argsort_descending(ref)
+  shuffle = jax.random.permutation(tie_key, ref.shape[1]).astype(jnp.int32)
+  return shuffle[_stable_argsort_descending(ref[:, shuffle])]
+
+
+def _stable_argsort_descending(x):
+  column = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape)
+  return jax.lax.sort((-x, column), dimension=1, is_stable=True, num_keys=1)[1]
 
 
 def inverse_order(perm: jax.Array) -> jax.Array:
