@@ -1,13 +1,16 @@
-"""The README's code runs as written."""
+"""The Python examples in the README and the docs run as written."""
 
 import pathlib
 import re
 
-README = pathlib.Path(__file__).parents[1] / "README.md"
+import pytest
+
+ROOT = pathlib.Path(__file__).parents[1]
 
 
-def test_readme_python_example_runs():
-  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+@pytest.mark.parametrize("doc", ["README.md", "docs/model.md"])
+def test_python_examples_run(doc):
+  blocks = re.findall(r"```python\n(.*?)```", (ROOT / doc).read_text(), re.S)
   assert blocks
   for block in blocks:
-    exec(compile(block, "README.md", "exec"), {})
+    exec(compile(block, doc, "exec"), {})
