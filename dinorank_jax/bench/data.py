@@ -1,0 +1,102 @@
+"""Data benchmark: pipeline samples/s against a bare decode-and-crop loop.
+
+    python -m dinorank_jax.bench.data [--records 2048] [--image_size 224] [--workers 0,2]
+
+Writes a synthetic dataset of `--records` scenes at `--stored_side` px with
+teacher fields of CC3M's shapes (14 × 14 × 256 patch grid, 1024-d class token,
+32 × 384 text states), then measures, in one run:
+
+* bare: read each record from the ArrayRecord source, decode the JPEG, random
+  resized crop + flip to `--image_size` — the practical limit;
+* pipeline: `data.pipeline.make_loader` with the same crops plus shuffling,
+  the teacher fields and batching, for each `--workers` count (the teacher
+  grid's resampling runs on the device, in the train step).
+
+Target: the pipeline reaches at least 80 % of the bare loop.
+"""
+
+import argparse
+import io
+import os
+import tempfile
+import time
+
+import grain.python as grain
+import numpy as np
+from PIL import Image
+
+from dinorank_jax.data import build, pipeline, records, synthetic
+
+
+def write_dataset(directory, num, side, shard_size=512):
+  rng = np.random.default_rng(0)
+  recs = []
+  for i in range(num):
+    key, image, caption, _ = synthetic.example(0, i, side)
+    recs.append({
+        "key": key, "jpeg": build.reencode(image, side), "caption": caption,
+        "tokens": np.zeros(77, np.int32),
+        "teacher_patches": rng.normal(size=(14, 14, 256)).astype(np.float16),
+        "teacher_cls": rng.normal(size=1024).astype(np.float16),
+        "teacher_text_tokens": rng.normal(size=(32, 384)).astype(np.float16),
+        "teacher_text_mask": np.ones(32, bool),
+        "teacher_text_pooled": rng.normal(size=384).astype(np.float16)})
+  shards = [records.write_shard(directory, i, recs[s:s + shard_size], {})
+            for i, s in enumerate(range(0, num, shard_size))]
+  records.write_json(os.path.join(directory, records.METADATA),
+                     {"schema_version": records.SCHEMA_VERSION,
+                      "shards": [{"file": s["file"], "count": s["count"]} for s in shards]})
+
+
+def bare_loop(directory, image_size) -> float:
+  """Samples/s of read + decode + crop + flip, nothing else."""
+  source = grain.ArrayRecordDataSource(records.shard_paths(directory))
+  rng = np.random.default_rng(0)
+  start = time.perf_counter()
+  for i in range(len(source)):
+    image = Image.open(io.BytesIO(records.decode_record(source[i])["jpeg"]))
+    x0, y0, w, h = pipeline.crop_box(rng, *image.size)
+    out = np.asarray(image.convert("RGB").resize((image_size, image_size), Image.BILINEAR,
+                                                 box=(x0, y0, x0 + w, y0 + h)))
+    if rng.integers(2):
+      out = out[:, ::-1]
+  return len(source) / (time.perf_counter() - start)
+
+
+def pipeline_loop(directory, image_size, batch_size, workers) -> float:
+  loader = pipeline.make_loader(directory, batch_size=batch_size, image_size=image_size,
+                                seed=0, num_epochs=1,
+                                worker_count=workers)
+  iterator = iter(loader)
+  first = next(iterator)                  # worker start-up is not throughput
+  start, count = time.perf_counter(), 0
+  for batch in iterator:
+    count += len(batch["tokens"])
+  del first
+  return count / (time.perf_counter() - start)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--records", type=int, default=2048)
+  p.add_argument("--stored_side", type=int, default=256)
+  p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--workers", default="0,2", help="comma-separated worker counts to measure")
+  args = p.parse_args(argv)
+  with tempfile.TemporaryDirectory() as directory:
+    write_dataset(directory, args.records, args.stored_side)
+    bare = bare_loop(directory, args.image_size)
+    print(f"{os.cpu_count()} CPU cores, {args.records} records stored at "
+          f"{args.stored_side} px, crops to {args.image_size} px")
+    print(f"{'loop':<22}{'samples/s':>10}{'of bare':>9}")
+    print(f"{'bare decode + crop':<22}{bare:>10.0f}{1:>9.2f}")
+    for workers in (int(w) for w in args.workers.split(",")):
+      rate = pipeline_loop(directory, args.image_size, args.batch_size, workers)
+      verdict = "met" if rate >= 0.8 * bare else "MISSED"
+      print(f"{f'pipeline, {workers} workers':<22}{rate:>10.0f}{rate / bare:>9.2f}  "
+            f"[{verdict}] target >= 0.80")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,217 @@
+"""Records, builders, the crop-aligned pipeline and the teacher's PCA (SPEC §7)."""
+
+import argparse
+import io
+import json
+import os
+import tarfile
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinorank_jax.data import build, pipeline, records, synthetic
+from dinorank_jax.teacher.pca import fit_pca, project
+
+
+def _jpeg(array, quality=95):
+  out = io.BytesIO()
+  Image.fromarray(array).save(out, format="JPEG", quality=quality)
+  return out.getvalue()
+
+
+def _build_args(**kw):
+  args = build.parser().parse_args(["--source", kw.pop("source"), "--out", kw.pop("out")])
+  for k, v in kw.items():
+    setattr(args, k, v)
+  return args
+
+
+def _write_dataset(directory, recs, shard_size=8):
+  os.makedirs(directory, exist_ok=True)
+  shards = [records.write_shard(directory, i, recs[s:s + shard_size], {})
+            for i, s in enumerate(range(0, len(recs), shard_size))]
+  records.write_json(os.path.join(directory, records.METADATA),
+                     {"schema_version": records.SCHEMA_VERSION,
+                      "shards": [{"file": s["file"], "count": s["count"]} for s in shards]})
+
+
+def test_record_round_trip(tmp_path):
+  rng = np.random.default_rng(0)
+  recs = [{"key": f"k{i}", "jpeg": rng.bytes(100), "caption": f"café nº{i}",
+           "tokens": rng.integers(0, 49408, 77).astype(np.int32),
+           "teacher_patches": rng.normal(size=(3, 4, 8)).astype(np.float16),
+           "teacher_text_mask": rng.integers(0, 2, 5).astype(bool)} for i in range(10)]
+  _write_dataset(str(tmp_path), recs, shard_size=4)
+  back = [records.decode_record(b) for p in records.shard_paths(str(tmp_path))
+          for b in records.read_shard(p)]
+  assert len(back) == 10
+  for a, b in zip(recs, back):
+    assert a.keys() == b.keys()
+    for k in a:
+      if isinstance(a[k], np.ndarray):
+        assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes()
+      else:
+        assert a[k] == b[k]
+
+
+def test_crop_alignment_of_image_and_teacher_grid():
+  """Pixels and teacher cells both encode their own image position; after any
+  crop and flip, each student token's teacher target names the position its
+  own pixels show, within half a teacher cell."""
+  h_t, w_t, grid = 14, 14, (8, 8)
+  for width, height in ((120, 90), (640, 480)):       # the second exercises JPEG draft scaling
+    xs, ys = np.meshgrid((np.arange(width) + 0.5) / width, (np.arange(height) + 0.5) / height)
+    pixels = np.stack([xs * 255, ys * 255, np.zeros_like(xs)], -1).astype(np.uint8)
+    tx, ty = np.meshgrid((np.arange(w_t) + 0.5) / w_t, (np.arange(h_t) + 0.5) / h_t)
+    teacher = np.stack([tx, ty], -1).astype(np.float16)
+    record = records.encode_record({
+        "jpeg": _jpeg(pixels), "tokens": np.zeros(77, np.int32), "teacher_patches": teacher,
+        "teacher_cls": np.zeros(4, np.float16), "teacher_text_tokens": np.zeros((2, 3), np.float16),
+        "teacher_text_mask": np.ones(2, bool), "teacher_text_pooled": np.zeros(3, np.float16)})
+    decode = pipeline.Decode(image_size=64, crop_scale=(0.1, 1.0))
+    for seed in range(40):
+      example = decode.random_map(record, np.random.default_rng(seed))
+      target = np.asarray(pipeline.align_teacher_grid(
+          jnp.asarray(example["teacher_patches"])[None], jnp.asarray(example["crop"])[None],
+          jnp.asarray(example["flip"])[None], grid))[0].reshape(*grid, 2)
+      centres = (np.arange(grid[0]) + 0.5) * 64 / grid[0]
+      seen = example["image"][centres.astype(int)][:, centres.astype(int), :2] / 255.0
+      # Half a teacher cell, plus JPEG and resampling error of the pixels.
+      np.testing.assert_allclose(target, seen, atol=0.5 / w_t + 0.03)
+      # Noise-free: replay the draws to get the box and flip, compare with the
+      # analytic token centres (exact inside the grid, clamped at its edges).
+      replay = np.random.default_rng(seed)
+      x0, y0, w, h = pipeline.crop_box(replay, width, height, (0.1, 1.0))
+      crop = np.asarray([x0 / width, y0 / height, w / width, h / height])
+      exact = np.stack(pipeline.token_centres(crop, grid, bool(replay.integers(2))), -1)
+      np.testing.assert_array_less(np.abs(target - exact), 0.5 / w_t + 1e-3)
+      clamped = np.clip(exact, 0.5 / w_t, 1 - 0.5 / w_t)
+      np.testing.assert_allclose(target, clamped, atol=2e-3)
+  # Both flips occurred: the x-ramp in the image runs both ways across seeds.
+  directions = {np.sign(pipeline.Decode(64).random_map(record, np.random.default_rng(s))
+                        ["image"][32, -1, 0].astype(int) - 128) for s in range(20)}
+  assert directions == {-1, 1}
+
+
+def _synthetic(tmp_path, num=64, **kw):
+  out = str(tmp_path / "syn")
+  build.build(_build_args(source="synthetic", out=out, num=num, shard_size=16, workers=1,
+                          image_size=48, **kw))
+  return out
+
+
+def _ids(batches):
+  """Record ids: the records of these tests carry their id in every token."""
+  return [int(t) for b in batches for t in b["tokens"][:, 1]]
+
+
+def test_processes_share_each_epoch_exactly_once(tmp_path):
+  directory = str(tmp_path / "ids")
+  recs = [{"key": f"{i}", "jpeg": _jpeg(np.full((8, 8, 3), i, np.uint8)), "caption": "x",
+           "tokens": np.full(77, i, np.int32)} for i in range(40)]
+  _write_dataset(directory, recs)
+  seen = []
+  for p in range(2):
+    loader = pipeline.make_loader(directory, batch_size=4, image_size=8,
+                                  seed=3, shard_index=p, shard_count=2)
+    it = iter(loader)
+    seen.append(_ids([next(it) for _ in range(5)]))          # one epoch: 20 records each
+  assert sorted(seen[0] + seen[1]) == list(range(40))
+
+
+def test_restored_iterator_continues_exactly(tmp_path):
+  directory = _synthetic(tmp_path)
+  make = lambda: iter(pipeline.make_loader(directory, batch_size=8, image_size=16, seed=1))
+  full = make()
+  reference = [next(full) for _ in range(12)]       # past one epoch of 64 records
+  part = make()
+  for _ in range(5):
+    next(part)
+  state = part.get_state()
+  resumed = make()
+  resumed.set_state(state)
+  for expected in reference[5:]:
+    got = next(resumed)
+    for k in expected:
+      np.testing.assert_array_equal(got[k], expected[k])
+
+
+def test_builders_skip_and_count_bad_inputs(tmp_path):
+  good = _jpeg(np.full((300, 400, 3), 120, np.uint8))
+  (tmp_path / "a.jpg").write_bytes(good)
+  (tmp_path / "b.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+  (tmp_path / "c.jpg").write_bytes(good)
+  table = tmp_path / "pairs.tsv"
+  table.write_text("image\tcaption\na.jpg\ta grey picture\nb.jpg\tbroken\nc.jpg\t   \n"
+                   "missing.jpg\tno file\n")
+  meta = build.build(_build_args(source="tsv", input=str(table), out=str(tmp_path / "t"),
+                                 workers=1))
+  assert meta["counts"] == {"written": 1, "corrupt": 2, "empty_caption": 1}
+  rec = records.decode_record(records.read_shard(records.shard_paths(str(tmp_path / "t"))[0])[0])
+  assert rec["caption"] == "a grey picture" and min(Image.open(io.BytesIO(rec["jpeg"])).size) == 256
+  sidecar = json.loads((tmp_path / "t" / "shard-00000.json").read_text())
+  assert sorted(sidecar["skipped_keys"]) == ["000000001", "000000002", "000000003"]
+
+  tar_path = tmp_path / "00000.tar"
+  with tarfile.open(tar_path, "w") as tar:
+    for key, image, text in (("k1", good, b"a cat"), ("k2", b"junk", b"a dog"), ("k3", good, b"")):
+      for ext, data in (("jpg", image), ("txt", text)):
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+  meta = build.build(_build_args(source="webdataset", input=str(tmp_path / "*.tar"),
+                                 out=str(tmp_path / "w"), workers=1))
+  assert meta["counts"] == {"written": 1, "corrupt": 1, "empty_caption": 1}
+
+
+def test_pipeline_skips_bad_records_and_fails_on_a_broken_source(tmp_path):
+  good = {"key": "g", "jpeg": _jpeg(np.zeros((8, 8, 3), np.uint8)), "caption": "x",
+          "tokens": np.zeros(77, np.int32)}
+  bad = {**good, "jpeg": b"garbage"}
+  _write_dataset(str(tmp_path / "few"), [good] * 30 + [bad] * 2)
+  loader = pipeline.make_loader(str(tmp_path / "few"), batch_size=30, image_size=8,
+                                seed=0, num_epochs=1)
+  assert [len(b["tokens"]) for b in loader] == [30]
+  _write_dataset(str(tmp_path / "broken"), [bad] * 120)
+  loader = pipeline.make_loader(str(tmp_path / "broken"), batch_size=4, image_size=8,
+                                seed=0)
+  with pytest.raises(RuntimeError, match="rebuild it"):
+    next(iter(loader))
+
+
+def test_synthetic_corpus_is_deterministic_and_labelled(tmp_path):
+  a, b = synthetic.example(7, 3), synthetic.example(7, 3)
+  assert a == b and synthetic.example(8, 3)[1:3] != a[1:3]
+  for i in range(50):
+    _, _, caption, labels = synthetic.example(0, i)
+    assert synthetic.TASKS["colour"][labels["colour"]] in caption
+    assert synthetic.TASKS["shape"][labels["shape"]] in caption
+  meta = json.loads(open(os.path.join(_synthetic(tmp_path, num=40), "metadata.json")).read())
+  assert meta["counts"]["written"] == 40 and len(meta["zero_shot_tasks"]["colour_shape_texture"]) == 120
+
+
+def test_pca_reconstructs_a_rank_256_signal_exactly():
+  rng = np.random.default_rng(0)
+  signal = rng.normal(size=(2048, 256)) @ rng.normal(size=(256, 1024)) + 3.0
+  mean, components = fit_pca(signal, 256)
+  assert components.shape == (256, 1024)
+  np.testing.assert_allclose(components @ components.T, np.eye(256), atol=1e-9)
+  rebuilt = project(signal, mean, components) @ components + mean
+  np.testing.assert_allclose(rebuilt, signal, atol=1e-8)
+
+
+def test_teacher_export_on_the_tiny_teacher(tmp_path):
+  from dinorank_jax.teacher import export
+  directory = _synthetic(tmp_path, num=24)
+  out = str(tmp_path / "teacher")
+  meta = export.export(argparse.Namespace(
+      data=directory, out=out, image_teacher=export.TINY_TEACHER, text_teacher=export.MINILM,
+      image_size=64, pca_dim=256, pca_images=16, text_length=16, batch_size=8))
+  assert meta["teacher"]["grid"] == [4, 4] and meta["teacher"]["pca_dim"] == 64
+  rec = records.decode_record(records.read_shard(records.shard_paths(out)[0])[0])
+  assert rec["teacher_patches"].shape == (4, 4, 64) and rec["teacher_patches"].dtype == np.float16
+  assert rec["teacher_cls"].shape == (64,) and rec["teacher_text_tokens"].shape == (16, 384)
+  assert rec["teacher_text_mask"].dtype == bool and rec["teacher_text_pooled"].shape == (384,)
+  assert np.isfinite(rec["teacher_patches"].astype(np.float32)).all()
