@@ -114,7 +114,7 @@ def test_processes_share_each_epoch_exactly_once(tmp_path):
   _write_dataset(directory, recs)
   seen = []
   for p in range(2):
-    loader = pipeline.make_loader(directory, batch_size=4, image_size=8,
+    loader = pipeline.make_dataset(directory, batch_size=4, image_size=8,
                                   seed=3, shard_index=p, shard_count=2)
     it = iter(loader)
     seen.append(_ids([next(it) for _ in range(5)]))          # one epoch: 20 records each
@@ -123,7 +123,7 @@ def test_processes_share_each_epoch_exactly_once(tmp_path):
 
 def test_restored_iterator_continues_exactly(tmp_path):
   directory = _synthetic(tmp_path)
-  make = lambda: iter(pipeline.make_loader(directory, batch_size=8, image_size=16, seed=1))
+  make = lambda: iter(pipeline.make_dataset(directory, batch_size=8, image_size=16, seed=1))
   full = make()
   reference = [next(full) for _ in range(12)]       # past one epoch of 64 records
   part = make()
@@ -171,11 +171,11 @@ def test_pipeline_skips_bad_records_and_fails_on_a_broken_source(tmp_path):
           "tokens": np.zeros(77, np.int32)}
   bad = {**good, "jpeg": b"garbage"}
   _write_dataset(str(tmp_path / "few"), [good] * 30 + [bad] * 2)
-  loader = pipeline.make_loader(str(tmp_path / "few"), batch_size=30, image_size=8,
+  loader = pipeline.make_dataset(str(tmp_path / "few"), batch_size=30, image_size=8,
                                 seed=0, num_epochs=1)
   assert [len(b["tokens"]) for b in loader] == [30]
   _write_dataset(str(tmp_path / "broken"), [bad] * 120)
-  loader = pipeline.make_loader(str(tmp_path / "broken"), batch_size=4, image_size=8,
+  loader = pipeline.make_dataset(str(tmp_path / "broken"), batch_size=4, image_size=8,
                                 seed=0)
   with pytest.raises(RuntimeError, match="rebuild it"):
     next(iter(loader))

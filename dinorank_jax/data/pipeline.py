@@ -1,8 +1,8 @@
 """The Grain input pipeline with crop-aligned teacher targets (SPEC §7).
 
     ArrayRecordDataSource → per-process shard → per-epoch shuffle (seeded)
-    → decode + random resized crop + flip (per-record seed)
-    → batch of the per-process size → worker processes + prefetch
+    → decode + random resized crop + flip (per-record seed), in threads
+    → batch of the per-process size → optional worker processes + prefetch
 
 and, on the device, `align_teacher_grid` resamples each teacher patch grid
 into its image's crop box, flipped like the image. The host ships the grid
@@ -31,7 +31,7 @@ import io
 import logging
 import math
 
-import grain.python as grain
+import grain
 import jax
 import jax.numpy as jnp
 from absl import flags
@@ -89,7 +89,7 @@ def align_teacher_grid(grid: jax.Array, crop: jax.Array, flip: jax.Array,
   return out.reshape(b, -1, k)
 
 
-class Decode(grain.RandomMapTransform):
+class Decode(grain.transforms.RandomMap):
   """Record bytes -> one training example (or a skip marker)."""
 
   def __init__(self, image_size: int, crop_scale=(0.5, 1.0)):
@@ -125,7 +125,7 @@ class Decode(grain.RandomMapTransform):
       return {"_skip": repr(e)[:200]}
 
 
-class DropSkipped(grain.FilterTransform):
+class DropSkipped(grain.transforms.Filter):
   """Drops skip markers, logging and counting them; fails on a broken source."""
 
   def __init__(self, directory: str, min_seen: int = 100, max_fraction: float = 0.5):
@@ -144,11 +144,12 @@ class DropSkipped(grain.FilterTransform):
     return False
 
 
-def make_loader(directory: str, *, batch_size: int, image_size: int,
-                seed: int, shard_index: int = 0,
-                shard_count: int = 1, shuffle: bool = True, num_epochs: int | None = None,
-                worker_count: int = 0, crop_scale=(0.5, 1.0)) -> grain.DataLoader:
-  """A `grain.DataLoader` over the dataset at `directory`.
+def make_dataset(directory: str, *, batch_size: int, image_size: int, seed: int,
+                 shard_index: int = 0, shard_count: int = 1, shuffle: bool = True,
+                 num_epochs: int | None = None, threads: int = 2, worker_count: int = 0,
+                 crop_scale=(0.5, 1.0)) -> grain.IterDataset:
+  """The training stream over the dataset at `directory`; `iter()` of it is
+  a checkpointable iterator (`get_state()` / `set_state()`).
 
   Args:
     batch_size: per-process batch (the global batch / process count).
@@ -156,16 +157,23 @@ def make_loader(directory: str, *, batch_size: int, image_size: int,
     seed: shuffle and augmentation seed (the same on every process).
     shard_index, shard_count: this process's share (`jax.process_index()`,
       `jax.process_count()`); shares are disjoint and equal in size.
-    num_epochs: None for an endless stream.
-    worker_count: decoding processes (0 decodes in this process).
+    num_epochs: None for an endless stream; each epoch is reshuffled, and
+      augmentations are drawn per (epoch, record).
+    threads: decoding threads (PIL releases the GIL while decoding).
+    worker_count: worker processes on top of the threads (0: none).
   """
   if worker_count and not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()   # Grain's workers read absl flags; argparse programs parse none
-  source = grain.ArrayRecordDataSource(records.shard_paths(directory))
-  sampler = grain.IndexSampler(
-      len(source), grain.ShardOptions(shard_index, shard_count, drop_remainder=True),
-      shuffle=shuffle, num_epochs=num_epochs, seed=seed)
-  operations = [Decode(image_size, crop_scale), DropSkipped(directory),
-                grain.Batch(batch_size, drop_remainder=True)]
-  return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                          worker_count=worker_count)
+  ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(records.shard_paths(directory)))
+  share = len(ds) // shard_count
+  ds = ds[:share * shard_count][shard_index::shard_count].seed(seed)
+  if shuffle:
+    ds = ds.shuffle()
+  ds = ds.repeat(num_epochs).random_map(Decode(image_size, crop_scale))
+  ds = ds.filter(DropSkipped(directory))
+  stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                prefetch_buffer_size=4 * batch_size))
+  stream = stream.batch(batch_size, drop_remainder=True)
+  if worker_count:
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return stream
