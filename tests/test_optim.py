@@ -1,0 +1,107 @@
+"""Schedules, decay mask and the staged warm-start of SPEC §6."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dinorank_jax import optim
+from dinorank_jax.losses.contrastive import clip_loss
+from dinorank_jax.losses.ranking import gate_penalty, rank_losses
+from dinorank_jax.models import list_heads
+from tests.model_sizes import IMAGE, tiny_model, tokens
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+  lr = optim.learning_rate(5e-4, warmup_steps=10, total_steps=100)
+  values = np.asarray([lr(s) for s in range(101)])
+  assert values[0] == 0 and np.isclose(values[10], 5e-4) and values[100] < 1e-9
+  assert np.all(np.diff(values[:11]) > 0) and np.all(np.diff(values[10:]) <= 0)
+
+
+def test_rank_weight_schedules():
+  linear = [float(optim.rank_weight("rankclip_linear", e * 10, 10, 4, 0.125)) for e in range(4)]
+  np.testing.assert_allclose(linear, [0.0, 0.0625, 0.125, 0.125])
+  cosine = [float(optim.rank_weight("cosine", s, 10, 4, 0.125)) for s in (0, 20, 40, 60)]
+  np.testing.assert_allclose(cosine, [0.0, 0.0625, 0.125, 0.125], atol=1e-7)
+  with pytest.raises(ValueError, match="config.rank.schedule"):
+    optim.rank_weight("step", 0, 10, 4, 0.125)
+
+
+def test_active_order_follows_the_warm_start():
+  stages = lambda order: [int(optim.active_order(s, 10, order)) for s in (0, 29, 30, 59, 60, 500)]
+  assert stages(3) == [1, 1, 2, 2, 3, 3]
+  assert stages(5) == [1, 1, 2, 2, 5, 5]
+  assert stages(2) == [1, 1, 2, 2, 2, 2]
+  assert stages(1) == [1] * 6 and stages(0) == [0] * 6
+
+
+def _setup(order=3):
+  model = tiny_model(rank_order=order)
+  images = jax.random.normal(jax.random.key(0), (8, IMAGE, IMAGE, 3))
+  toks = tokens([3, 5, 1, 9, 2, 7, 4, 6])
+  return model, model.init(jax.random.key(1), images, toks), images, toks
+
+
+def test_decay_mask_and_order_tags():
+  _, variables, _, _ = _setup()
+  params = variables["params"]
+  mask, tags = optim.decay_mask(params), optim.order_tags(params)
+  assert not mask["logit_scale"] and not mask["image_rank_head"]["gate_2"]
+  assert mask["image_rank_head"]["key_3"]["kernel"]
+  assert not mask["image_tower"]["encoder"]["norm"]["scale"]
+  head = tags["text_rank_head"]
+  assert (head["gate_2"], head["query_2"]["kernel"], head["older_3"]["kernel"], head["gate_3"]) == (2, 2, 3, 3)
+  assert set(jax.tree.leaves(tags["image_tower"])) == {0} and tags["logit_scale"] == 0
+
+
+def test_staged_warm_start_freezes_exactly_without_recompiling():
+  model, variables, images, toks = _setup()
+  steps_per_epoch = 2                                  # order 2 from step 6, order 3 from step 12
+  tx = optim.adamw(optim.learning_rate(1e-2, 2, 40))
+  tags = optim.order_tags(variables["params"])
+
+  def objective(params, active):
+    v = {"params": params}
+    out = model.apply(v, images, toks)
+    image_head, text_head = list_heads(model, v)
+    cross, in_modal = rank_losses(out["image"], out["text"], out["scale"], image_head=image_head,
+                                  text_head=text_head, active_order=active)
+    penalty = sum(gate_penalty(params[h], active) for h in optim.RANK_HEADS)
+    return clip_loss(out["image"], out["text"], out["scale"])[0] + cross + in_modal + 1e-4 * penalty
+
+  @jax.jit
+  def step(params, opt_state, step):
+    active = optim.active_order(step, steps_per_epoch, 3)
+    loss, grads = jax.value_and_grad(objective)(params, active)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    updates = optim.freeze_inactive(updates, tags, active)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  params, opt_state = variables["params"], tx.init(variables["params"])
+  initial = params
+  history = []
+  for s in range(14):
+    params, opt_state, loss = step(params, opt_state, jnp.int32(s))
+    history.append((params, loss))
+  assert step._cache_size() == 1                      # one compilation across all stages
+
+  order_leaves = lambda p, r: [x for x, t in zip(jax.tree.leaves(p), jax.tree.leaves(tags)) if t == r]
+  for s, (p, _) in enumerate(history):
+    same2 = all(np.array_equal(a, b) for a, b in zip(order_leaves(p, 2), order_leaves(initial, 2)))
+    same3 = all(np.array_equal(a, b) for a, b in zip(order_leaves(p, 3), order_leaves(initial, 3)))
+    assert same2 == (s < 6), s                         # moves with the update of step 6
+    assert same3 == (s < 12), s
+
+  # Before epoch 3 the loss is the order-1 loss of the same parameters.
+  order1 = tiny_model(rank_order=1)
+  p = history[2][0]
+  trunk = {k: v for k, v in p.items() if k not in optim.RANK_HEADS}
+  out = order1.apply({"params": trunk}, images, toks)
+  heads = list_heads(order1, {"params": trunk})
+  cross, in_modal = rank_losses(out["image"], out["text"], out["scale"], image_head=heads[0],
+                                text_head=heads[1])
+  expected = clip_loss(out["image"], out["text"], out["scale"])[0] + cross + in_modal
+  np.testing.assert_allclose(objective(p, jnp.int32(1)), expected, rtol=1e-6)
