@@ -1,0 +1,158 @@
+"""The DinoRankCLIP objective (SPEC §6, paper eq. 4) and the sharded train step.
+
+    L = L_CLIP + λ(t) (L_cross^R + L_in^R)
+        + α_I (L_Gram^I + β L_rel^I) + α_T (L_Gram^T + β L_rel^T)
+        + λ_fg mean(g²) + λ_g Σ_r (r − 1) g_r²
+
+The model's forward pass runs under `jax.jit` with the batch sharded over the
+`data` axis; the terms that need explicit collectives or the *local* batch
+(InfoNCE and the rank terms over the global batch, RKD across each shard's
+own rows) run inside one `shard_map`. Randomness (rank tie-breaks, RKD
+triples) is drawn from `fold_in(seed, step)`, so a resumed run draws the same.
+"""
+
+import dataclasses
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dinorank_jax import optim
+from dinorank_jax.data.pipeline import align_teacher_grid
+from dinorank_jax.losses.contrastive import clip_loss
+from dinorank_jax.losses.distill import distill_loss, masked_adaptive_avg_pool
+from dinorank_jax.losses.ranking import gate_penalty, rank_losses
+from dinorank_jax.models import DinoRankCLIP, list_heads
+from dinorank_jax.models.vit import vit_size
+from dinorank_jax.parallel import DATA
+
+# CLIP's image normalisation.
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The weights and knobs of eq. 4 (defaults: SPEC §6)."""
+  rank_max: float = 0.125           # λ_max of both rank terms
+  rank_schedule: str = "cosine"
+  list_len: int | None = None
+  high_order_len: int | None = 128
+  rank_scope: str = "global"
+  alpha_image: float = 1.0
+  alpha_text: float = 0.5
+  beta: float = 1.0
+  fusion_gate: float = 1e-4         # λ_fg
+  rank_gate: float = 1e-4           # λ_g
+  criterion: str = "gram_rel"
+  text_slots: int = 16              # L_t
+  rkd_max_triples: int = 4096
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+
+
+def normalise_images(images: jax.Array) -> jax.Array:
+  """uint8 `[B, H, W, 3]` -> float32, CLIP mean/std."""
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(IMAGE_MEAN)) / jnp.asarray(IMAGE_STD)
+
+
+def _local_losses(objective, model, params, out, batch, scale, key, active, student_grid):
+  """Every loss term on this shard's rows; scalars equal on every shard."""
+  image_head, text_head = list_heads(model, {"params": params})
+  tie_key, image_key, text_key = jax.random.split(key, 3)
+  distill = functools.partial(distill_loss, objective.criterion, beta=objective.beta,
+                              max_triples=objective.rkd_max_triples)
+  clip, metrics = clip_loss(out["image"], out["text"], scale, axis_name=DATA)
+  cross, in_modal = rank_losses(
+      out["image"], out["text"], scale, image_head=image_head, text_head=text_head,
+      axis_name=DATA, scope=objective.rank_scope, tie_key=tie_key, active_order=active,
+      list_len=objective.list_len, high_order_len=objective.high_order_len)
+  terms = {"clip": clip, "rank_cross": cross, "rank_in": in_modal}
+  shard = jax.lax.axis_index(DATA)
+  if "image_student" in out:
+    teacher = {"tokens": align_teacher_grid(batch["teacher_patches"], batch["crop"],
+                                            batch["flip"], student_grid),
+               "cls": batch["teacher_cls"]}
+    terms["distill_image"], m = distill(out["image_student"], teacher,
+                                        key=jax.random.fold_in(image_key, shard))
+    metrics.update({f"image_{k}": x for k, x in m.items()})
+  if "text_student" in out:
+    s = out["text_student"]
+    pool = functools.partial(masked_adaptive_avg_pool, num_segments=objective.text_slots)
+    student = {**s, "tokens": pool(s["tokens"], s["mask"])}
+    teacher = {"tokens": pool(batch["teacher_text_tokens"], batch["teacher_text_mask"]),
+               "cls": batch["teacher_text_pooled"]}
+    terms["distill_text"], m = distill(student, teacher, key=jax.random.fold_in(text_key, shard))
+    metrics.update({f"text_{k}": x for k, x in m.items()})
+  gates = [out[g] for g in ("image_gate", "text_gate") if g in out]
+  if gates:
+    terms["fusion_gate"] = jnp.mean(jnp.stack([jnp.mean(g ** 2) for g in gates]))
+  # Per-shard terms (distillation, gate means) become batch means.
+  terms = {k: jax.lax.pmean(x, DATA) if k.startswith(("distill", "fusion")) else x
+           for k, x in terms.items()}
+  metrics = jax.tree.map(lambda x: jax.lax.pmean(x, DATA), metrics)
+  return terms, metrics
+
+
+def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
+                    objective: Objective, mesh, *, steps_per_epoch: int, epochs: int,
+                    seed: int = 0):
+  """A jitted `step(state, batch) -> (state, metrics)`; the state is donated.
+
+  `batch` is a dict of global arrays sharded over `data` (see
+  `parallel.global_batch`): `image` uint8 `[B, S, S, 3]`, `tokens`, and the
+  teacher fields and `crop`, `flip` of `data.pipeline` when students are on.
+  """
+  base_key = jax.random.key(seed)
+  student_patch = vit_size(model.image_student)[3]
+  replicated = NamedSharding(mesh, P())
+
+  def loss_fn(params, batch, step):
+    active = optim.active_order(step, steps_per_epoch, model.rank_order)
+    out = model.apply({"params": params}, normalise_images(batch["image"]), batch["tokens"])
+    side = batch["image"].shape[1] // student_patch
+    local = jax.shard_map(
+        functools.partial(_local_losses, objective, model, student_grid=(side, side)),
+        mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(), P(), P()), out_specs=P())
+    rows = {k: x for k, x in out.items() if k != "scale"}
+    terms, metrics = local(params, rows, batch, out["scale"],
+                           jax.random.fold_in(base_key, step), active)
+    weight = optim.rank_weight(objective.rank_schedule, step, steps_per_epoch, epochs,
+                               objective.rank_max)
+    penalty = sum(gate_penalty(params[h], active) for h in optim.RANK_HEADS)
+    loss = (terms["clip"] + weight * (terms["rank_cross"] + terms["rank_in"])
+            + objective.alpha_image * terms.get("distill_image", 0.0)
+            + objective.alpha_text * terms.get("distill_text", 0.0)
+            + objective.fusion_gate * terms.get("fusion_gate", 0.0)
+            + objective.rank_gate * penalty)
+    metrics = {**metrics, **terms, "rank_gate_penalty": penalty, "rank_weight": weight,
+               "active_order": active, "logit_scale": out["scale"], "loss": loss}
+    return loss, metrics
+
+  def step_fn(state: TrainState, batch):
+    tags = optim.order_tags(state.params)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, state.step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = optim.freeze_inactive(updates, tags, metrics["active_order"])
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return jax.jit(step_fn, out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def init_state(model: DinoRankCLIP, tx: optax.GradientTransformation, mesh, images, tokens,
+               seed: int = 0) -> TrainState:
+  """Parameters and optimiser state, replicated over the mesh."""
+  params = model.init(jax.random.key(seed), normalise_images(images), tokens)["params"]
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  return jax.device_put(state, NamedSharding(mesh, P()))
