@@ -7,7 +7,8 @@ The image teacher is any local `transformers` DINO / DINOv2 / DINOv3 ViT
 checkpoint directory; it sees the whole stored image resized to
 `--image_size` square and gives its class token and patch grid (register
 tokens excluded). Patch tokens are reduced by a PCA to `--pca_dim` channels,
-fitted once on `--pca_images` images (saved as `pca.npz`). The text teacher is
+fitted once on `--pca_images` images drawn at random (seed 0) from the whole
+dataset, read by random access (saved as `pca.npz`). The text teacher is
 any local `transformers` text encoder directory: token states, attention mask
 and the masked mean of the states as the pooled vector, at `--text_length`
 tokens. `--image_teacher tiny-untrained` builds a tiny randomly initialised
@@ -21,6 +22,7 @@ import argparse
 import io
 import os
 
+import grain
 import numpy as np
 import torch
 from PIL import Image
@@ -103,8 +105,10 @@ def export(args) -> dict:
 
   pca_file = os.path.join(args.out, "pca.npz")
   if not os.path.exists(pca_file):
-    sample = [records.decode_record(r)["jpeg"] for p in paths for r in records.read_shard(p)]
-    sample = sample[:args.pca_images]
+    source = grain.sources.ArrayRecordDataSource(paths)   # random access: read the sample only
+    chosen = np.random.default_rng(0).choice(len(source), min(args.pca_images, len(source)),
+                                             replace=False)
+    sample = [records.decode_record(source[int(i)])["jpeg"] for i in np.sort(chosen)]
     patches = np.concatenate([image_features(image_model, b, args.image_size, device)[1]
                               for b in _batches(sample, args.batch_size)])
     mean, components = fit_pca(patches.reshape(-1, patches.shape[-1]), args.pca_dim)
