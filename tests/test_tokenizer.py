@@ -21,6 +21,9 @@ def test_known_ids(tokenizer):
   assert tokenizer.vocab_size == 49408
   # HTML escapes and mojibake are cleaned as CLIP does; case and spacing do not matter.
   np.testing.assert_array_equal(tokenizer(["Fish &amp; Chips"]), tokenizer(["fish   & chips"]))
+  # With markup present ftfy leaves entities alone; CLIP's explicit unescape decodes them.
+  np.testing.assert_array_equal(tokenizer(["<i>fish</i> &amp; chips"]),
+                                tokenizer(["<i>fish</i> & chips"]))
 
 
 def test_truncation_keeps_the_end_token(tokenizer):
