@@ -1,6 +1,5 @@
 """Exact resume of state and batches; restore onto a different mesh."""
 
-import argparse
 
 import jax
 import numpy as np

@@ -1,6 +1,5 @@
 """Schedules, decay mask and the staged warm-start of SPEC §6."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
