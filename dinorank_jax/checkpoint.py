@@ -9,12 +9,12 @@ Restoring takes an abstract state carrying the *new* shardings, so a
 checkpoint written on 8 devices restores onto 4.
 """
 
+import json
 import os
 
 import grain
 import jax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 class Checkpointer:
@@ -22,8 +22,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, save_every: int = 1000, max_to_keep: int = 3,
                asynchronous: bool = True):
+    self.save_every = save_every
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                           save_interval_steps=save_every,
                                            enable_async_checkpointing=asynchronous)
     self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                          options=options)
@@ -32,10 +32,15 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, iterator, *, force: bool = False) -> bool:
-    """Starts a save of `state` and `iterator` at `step` if due (or forced)."""
-    return self.manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
+  def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+    """Starts a save of `state` and the data iterator's `data_state` (its
+    `get_state()` taken where the next batch to train on is the first it
+    yields) at `step`, if due (or forced) and not saved already."""
+    if step == self.manager.latest_step() or not (force or step % self.save_every == 0):
+      return False
+    return self.manager.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_state))))
 
   def restore(self, abstract_state, iterator):
     """The latest complete state (placed as `abstract_state` says), moving
@@ -55,7 +60,19 @@ class Checkpointer:
     self.manager.close()
 
 
-def abstract_replicated(tree, mesh):
-  """Shapes and dtypes of `tree`, replicated over `mesh` (a restore target)."""
-  sharding = NamedSharding(mesh, P())
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def abstract_state(tree, shardings):
+  """Shapes and dtypes of `tree`, placed by `shardings` (a restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+class _FrozenIteratorState:
+  """A data iterator's state taken earlier; Grain's checkpoint handler saves
+  what `get_state()` returns (JSON bytes for objects that are not Grain
+  iterators), and restores it into the live iterator as usual."""
+
+  def __init__(self, state: dict):
+    self.state = state
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.state).encode()

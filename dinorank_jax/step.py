@@ -5,7 +5,8 @@
         + λ_fg mean(g²) + λ_g Σ_r (r − 1) g_r²
 
 The model's forward pass runs under `jax.jit` with the batch sharded over the
-`data` axis; the terms that need explicit collectives or the *local* batch
+mesh (`parallel.BATCH`) and the state placed by `parallel.state_shardings`;
+the terms that need explicit collectives or the *local* batch
 (InfoNCE and the rank terms over the global batch, RKD across each shard's
 own rows) run inside one `shard_map`. Randomness (rank tie-breaks, RKD
 triples) is drawn from `fold_in(seed, step)`, so a resumed run draws the same.
@@ -27,7 +28,7 @@ from dinorank_jax.losses.distill import distill_loss, masked_adaptive_avg_pool
 from dinorank_jax.losses.ranking import gate_penalty, rank_losses
 from dinorank_jax.models import DinoRankCLIP, list_heads
 from dinorank_jax.models.vit import vit_size
-from dinorank_jax.parallel import DATA
+from dinorank_jax.parallel import BATCH, state_shardings
 
 # CLIP's image normalisation.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -71,13 +72,13 @@ def _local_losses(objective, model, params, out, batch, scale, key, active, stud
   tie_key, image_key, text_key = jax.random.split(key, 3)
   distill = functools.partial(distill_loss, objective.criterion, beta=objective.beta,
                               max_triples=objective.rkd_max_triples)
-  clip, metrics = clip_loss(out["image"], out["text"], scale, axis_name=DATA)
+  clip, metrics = clip_loss(out["image"], out["text"], scale, axis_name=BATCH)
   cross, in_modal = rank_losses(
       out["image"], out["text"], scale, image_head=image_head, text_head=text_head,
-      axis_name=DATA, scope=objective.rank_scope, tie_key=tie_key, active_order=active,
+      axis_name=BATCH, scope=objective.rank_scope, tie_key=tie_key, active_order=active,
       list_len=objective.list_len, high_order_len=objective.high_order_len)
   terms = {"clip": clip, "rank_cross": cross, "rank_in": in_modal}
-  shard = jax.lax.axis_index(DATA)
+  shard = jax.lax.axis_index(BATCH)
   if "image_student" in out:
     teacher = {"tokens": align_teacher_grid(batch["teacher_patches"], batch["crop"],
                                             batch["flip"], student_grid),
@@ -97,24 +98,28 @@ def _local_losses(objective, model, params, out, batch, scale, key, active, stud
   if gates:
     terms["fusion_gate"] = jnp.mean(jnp.stack([jnp.mean(g ** 2) for g in gates]))
   # Per-shard terms (distillation, gate means) become batch means.
-  terms = {k: jax.lax.pmean(x, DATA) if k.startswith(("distill", "fusion")) else x
+  terms = {k: jax.lax.pmean(x, BATCH) if k.startswith(("distill", "fusion")) else x
            for k, x in terms.items()}
-  metrics = jax.tree.map(lambda x: jax.lax.pmean(x, DATA), metrics)
+  metrics = jax.tree.map(lambda x: jax.lax.pmean(x, BATCH), metrics)
   return terms, metrics
 
 
 def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
-                    objective: Objective, mesh, *, steps_per_epoch: int, epochs: int,
-                    seed: int = 0):
+                    objective: Objective, mesh, state_sharding, *, steps_per_epoch: int,
+                    epochs: int, seed: int = 0, skip_nonfinite: bool = False):
   """A jitted `step(state, batch) -> (state, metrics)`; the state is donated.
 
-  `batch` is a dict of global arrays sharded over `data` (see
+  `batch` is a dict of global arrays sharded over `BATCH` (see
   `parallel.global_batch`): `image` uint8 `[B, S, S, 3]`, `tokens`, and the
   teacher fields and `crop`, `flip` of `data.pipeline` when students are on.
+  `state_sharding` places the state (`parallel.state_shardings`). With
+  `skip_nonfinite`, a step whose loss is not finite leaves the parameters and
+  optimiser state as they were (`metrics["finite"]` says which happened).
   """
   base_key = jax.random.key(seed)
   student_patch = vit_size(model.image_student)[3]
   replicated = NamedSharding(mesh, P())
+  batch_spec = P(BATCH)
 
   def loss_fn(params, batch, step):
     active = optim.active_order(step, steps_per_epoch, model.rank_order)
@@ -122,9 +127,11 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
     side = batch["image"].shape[1] // student_patch
     local = jax.shard_map(
         functools.partial(_local_losses, objective, model, student_grid=(side, side)),
-        mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(), P(), P()), out_specs=P())
+        mesh=mesh, in_specs=(P(), batch_spec, batch_spec, P(), P(), P()), out_specs=P())
     rows = {k: x for k, x in out.items() if k != "scale"}
-    terms, metrics = local(params, rows, batch, out["scale"],
+    # Only what the rank heads need enters the shard_map (replicated there).
+    heads = {k: params[k] for k in (*optim.RANK_HEADS, "logit_scale")}
+    terms, metrics = local(heads, rows, batch, out["scale"],
                            jax.random.fold_in(base_key, step), active)
     weight = optim.rank_weight(objective.rank_schedule, step, steps_per_epoch, epochs,
                                objective.rank_max)
@@ -134,25 +141,39 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
             + objective.alpha_text * terms.get("distill_text", 0.0)
             + objective.fusion_gate * terms.get("fusion_gate", 0.0)
             + objective.rank_gate * penalty)
-    metrics = {**metrics, **terms, "rank_gate_penalty": penalty, "rank_weight": weight,
+    gates = {f"{h}_{k}": g for h in optim.RANK_HEADS for k, g in params[h].items()
+             if k.startswith("gate_")}
+    metrics = {**metrics, **terms, **gates, "rank_gate_penalty": penalty, "rank_weight": weight,
                "active_order": active, "logit_scale": out["scale"], "loss": loss}
     return loss, metrics
 
   def step_fn(state: TrainState, batch):
     tags = optim.order_tags(state.params)
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = optim.freeze_inactive(updates, tags, metrics["active_order"])
     params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss)
+    if skip_nonfinite:
+      keep = lambda new, old: jnp.where(finite, new, old)
+      params = jax.tree.map(keep, params, state.params)
+      opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    metrics["finite"] = finite
+    metrics["data_skipped"] = jnp.sum(batch["skipped"]) if "skipped" in batch else 0
     return TrainState(state.step + 1, params, opt_state), metrics
 
-  return jax.jit(step_fn, out_shardings=(replicated, replicated), donate_argnums=0)
+  return jax.jit(step_fn, in_shardings=(state_sharding, NamedSharding(mesh, batch_spec)),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
 
 
 def init_state(model: DinoRankCLIP, tx: optax.GradientTransformation, mesh, images, tokens,
-               seed: int = 0) -> TrainState:
-  """Parameters and optimiser state, replicated over the mesh."""
-  params = model.init(jax.random.key(seed), normalise_images(images), tokens)["params"]
-  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  return jax.device_put(state, NamedSharding(mesh, P()))
+               seed: int = 0) -> tuple[TrainState, object]:
+  """Parameters and optimiser state, created in place with the shardings of
+  `parallel.state_shardings`; returns `(state, shardings)`."""
+  def init(images, tokens):
+    params = model.init(jax.random.key(seed), normalise_images(images), tokens)["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  images, tokens = jnp.asarray(images[:1]), jnp.asarray(tokens[:1])
+  shardings = state_shardings(jax.eval_shape(init, images, tokens), mesh)
+  return jax.jit(init, out_shardings=shardings)(images, tokens), shardings

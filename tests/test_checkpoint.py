@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from dinorank_jax import optim, parallel
-from dinorank_jax.checkpoint import Checkpointer, abstract_replicated
+from dinorank_jax.checkpoint import Checkpointer, abstract_state
 from dinorank_jax.data import build, pipeline
 from dinorank_jax.step import Objective, init_state, make_train_step
 from tests.model_sizes import IMAGE, tiny_model
@@ -25,8 +25,8 @@ def _trainer(data, mesh):
   stream = pipeline.make_dataset(data, batch_size=16, image_size=IMAGE, seed=0)
   iterator = iter(stream)
   first = next(iter(stream))
-  state = init_state(model, tx, mesh, first["image"], first["tokens"])
-  step = make_train_step(model, tx, Objective(high_order_len=None), mesh,
+  state, shardings = init_state(model, tx, mesh, first["image"], first["tokens"])
+  step = make_train_step(model, tx, Objective(high_order_len=None), mesh, shardings,
                          steps_per_epoch=3, epochs=4)
   return state, step, iterator
 
@@ -48,13 +48,13 @@ def test_resume_gives_identical_parameters_and_batches(tmp_path):
   state, step, iterator = _trainer(data, mesh)
   state = _train(state, step, iterator, mesh, 5, resumed_batches)       # crosses an epoch
   saver = Checkpointer(str(tmp_path / "run"), save_every=1)
-  saver.save(5, state, iterator)
+  saver.save(5, state, iterator.get_state())
   saver.wait()
   saver.close()
   del state, iterator                                                     # a new process
   fresh, step, iterator = _trainer(data, mesh)
   restorer = Checkpointer(str(tmp_path / "run"))
-  state = restorer.restore(abstract_replicated(fresh, mesh), iterator)
+  state = restorer.restore(abstract_state(fresh, parallel.state_shardings(fresh, mesh)), iterator)
   assert restorer.latest_step == 5 and int(state.step) == 5
   resumed = jax.device_get(_train(state, step, iterator, mesh, 3, resumed_batches))
   for a, b in zip(straight_batches, resumed_batches):
@@ -69,10 +69,10 @@ def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
   state, step, iterator = _trainer(data, eight)
   state = _train(state, step, iterator, eight, 2, [])
   saver = Checkpointer(str(tmp_path / "run"), save_every=1)
-  saver.save(2, state, iterator)
+  saver.save(2, state, iterator.get_state())
   saver.wait()
   restored = Checkpointer(str(tmp_path / "run")).restore(
-      abstract_replicated(state, four), iter(pipeline.make_dataset(
+      abstract_state(state, parallel.state_shardings(state, four)), iter(pipeline.make_dataset(
           data, batch_size=16, image_size=IMAGE, seed=0)))
   leaf = jax.tree.leaves(restored.params)[0]
   assert leaf.sharding.mesh.devices.size == 4

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax.sharding import PartitionSpec as P
+
 from dinorank_jax import optim, parallel
 from dinorank_jax.step import Objective, init_state, make_train_step
 from tests.model_sizes import IMAGE, tiny_model, tokens
@@ -30,8 +32,8 @@ def _run(mesh, objective, steps=2, tx=None, **model_kw):
   model = tiny_model(dtype=jnp.float32, **model_kw)
   tx = tx or optim.adamw(optim.learning_rate(1e-3, 1, 10))
   host = _batch()
-  state = init_state(model, tx, mesh, host["image"], host["tokens"])
-  step = make_train_step(model, tx, objective, mesh, steps_per_epoch=1, epochs=10)
+  state, shardings = init_state(model, tx, mesh, host["image"], host["tokens"])
+  step = make_train_step(model, tx, objective, mesh, shardings, steps_per_epoch=1, epochs=10)
   batch = parallel.global_batch(mesh, host)
   history = []
   for _ in range(steps):
@@ -52,9 +54,12 @@ def test_sharded_step_equals_one_device():
   for a, b in zip(m8, m1):
     for k in ("loss", "clip", "rank_cross", "rank_in", "distill_image", "distill_text"):
       np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
-  # Leaf by leaf, relative to the leaf's norm (a leaf mixes large and tiny entries).
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s8.params),
-                          jax.tree.leaves(s1.params)):
+  _assert_params_close(s8.params, s1.params)
+
+
+def _assert_params_close(params, expected):
+  """Leaf by leaf, relative to the leaf's norm (a leaf mixes large and tiny entries)."""
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(expected)):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-7, jax.tree_util.keystr(path)
 
@@ -80,9 +85,9 @@ def test_objective_assembles_equation_4():
   model = tiny_model(dtype=jnp.float32)
   tx = optax.sgd(0.0)
   host = _batch()
-  state = init_state(model, tx, mesh, host["image"], host["tokens"])
+  state, shardings = init_state(model, tx, mesh, host["image"], host["tokens"])
   params = jax.tree.map(np.asarray, state.params)
-  step = make_train_step(model, tx, objective, mesh, steps_per_epoch=1, epochs=4)
+  step = make_train_step(model, tx, objective, mesh, shardings, steps_per_epoch=1, epochs=4)
   _, m = step(state, parallel.global_batch(mesh, host))
   expected = (m["clip"] + m["rank_weight"] * (m["rank_cross"] + m["rank_in"])
               + 0.7 * m["distill_image"] + 0.3 * m["distill_text"]
@@ -98,3 +103,30 @@ def test_objective_assembles_equation_4():
                              gram_loss(out["image_student"]["tokens"], teacher), rtol=1e-5)
   gates = jnp.stack([jnp.mean(out["image_gate"] ** 2), jnp.mean(out["text_gate"] ** 2)])
   np.testing.assert_allclose(m["fusion_gate"], jnp.mean(gates), rtol=1e-5)
+
+
+def test_fsdp_step_equals_data_parallel_step():
+  objective = Objective(beta=0.0, high_order_len=None)
+  fsdp, _, _ = _run(parallel.make_mesh(fsdp=4), objective, tx=optax.sgd(1.0))
+  plain, _, _ = _run(parallel.make_mesh(), objective, tx=optax.sgd(1.0))
+  sharded = [x for x in jax.tree.leaves(fsdp.params) if x.sharding.spec != P()]
+  assert len(sharded) > 10                                   # parameters are split over fsdp
+  _assert_params_close(fsdp.params, plain.params)
+
+
+def test_nonfinite_step_is_skipped_when_asked():
+  mesh = parallel.make_mesh()
+  model = tiny_model(dtype=jnp.float32)
+  tx = optim.adamw(optim.learning_rate(1e-3, 1, 10))
+  host = _batch()
+  host["teacher_patches"][0] = np.inf                      # poisons the image distillation
+  for skip in (True, False):
+    state, shardings = init_state(model, tx, mesh, host["image"], host["tokens"])
+    before = jax.tree.map(np.asarray, state.params)
+    step = make_train_step(model, tx, Objective(), mesh, shardings, steps_per_epoch=1,
+                           epochs=4, skip_nonfinite=skip)
+    state, m = step(state, parallel.global_batch(mesh, host))
+    assert not bool(m["finite"]) and not np.isfinite(float(m["distill_image"]))
+    same = all(np.array_equal(a, np.asarray(b))
+               for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)))
+    assert same == skip

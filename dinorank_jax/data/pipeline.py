@@ -1,7 +1,8 @@
 """The Grain input pipeline with crop-aligned teacher targets (SPEC §7).
 
-    ArrayRecordDataSource → per-process shard → per-epoch shuffle (seeded)
-    → decode + random resized crop + flip (per-record seed), in threads
+    ArrayRecordDataSource → per-epoch shuffle (seeded) → this process's rows
+    of each global batch → decode + random resized crop + flip (seeded by
+    the stream position), in threads
     → batch of the per-process size → optional worker processes + prefetch
 
 and, on the device, `align_teacher_grid` resamples each teacher patch grid
@@ -14,9 +15,9 @@ The stream is endless (epochs follow one another, reshuffled); the trainer
 takes a fixed number of steps, so every process yields the same number of
 batches and the collectives never wait on a short shard. The iterator's
 `get_state()` / `set_state()` resume mid-epoch exactly. A record that fails
-to decode is logged with its key, counted (`Decode.skipped`, per worker) and
-dropped; when more than half of the first 100+ records fail, the pipeline
-raises instead of silently yielding nothing.
+to decode is logged with the reason, dropped and counted (`batch["skipped"]`
+sums to the skips of that batch); when more than half of the first 100+
+records fail, the pipeline raises instead of silently yielding nothing.
 
 Crop alignment. The teacher saw the whole stored image resized to its square
 input, so teacher cell `(i, j)` of an `h_t × w_t` grid is centred at the
@@ -89,19 +90,32 @@ def align_teacher_grid(grid: jax.Array, crop: jax.Array, flip: jax.Array,
   return out.reshape(b, -1, k)
 
 
-class Decode(grain.transforms.RandomMap):
-  """Record bytes -> one training example (or a skip marker)."""
+class Decode(grain.transforms.Map):
+  """`(stream position, record bytes)` -> one example (or a skip marker).
 
-  def __init__(self, image_size: int, crop_scale=(0.5, 1.0)):
-    self.image_size, self.crop_scale = image_size, crop_scale
+  With `augment`, the random resized crop and flip are drawn from
+  `(seed, position)`: the same record at the same place of the global stream
+  gets the same augmentation however many processes read it. Without, the
+  example is the centre square, unflipped (evaluation).
+  """
 
-  def random_map(self, data: bytes, rng: np.random.Generator):
+  def __init__(self, image_size: int, seed: int = 0, crop_scale=(0.5, 1.0),
+               augment: bool = True):
+    self.image_size, self.seed, self.crop_scale = image_size, seed, crop_scale
+    self.augment = augment
+
+  def map(self, element):
+    position, data = element
     try:
       record = records.decode_record(data)
       image = Image.open(io.BytesIO(record["jpeg"]))
       width, height = image.size
-      box = crop_box(rng, width, height, self.crop_scale)
-      flip = bool(rng.integers(2))
+      if self.augment:
+        rng = np.random.default_rng([self.seed, position])
+        box, flip = crop_box(rng, width, height, self.crop_scale), bool(rng.integers(2))
+      else:
+        side = min(width, height)
+        box, flip = ((width - side) / 2, (height - side) / 2, side, side), False
       x0, y0, w, h = box
       image.draft("RGB", (self.image_size * width / w, self.image_size * height / h))
       shrink = image.size[0] / width            # JPEG DCT scaling, if draft applied
@@ -125,28 +139,84 @@ class Decode(grain.transforms.RandomMap):
       return {"_skip": repr(e)[:200]}
 
 
-class DropSkipped(grain.transforms.Filter):
-  """Drops skip markers, logging and counting them; fails on a broken source."""
+class _CountSkipsIterator(grain.DatasetIterator):
 
-  def __init__(self, directory: str, min_seen: int = 100, max_fraction: float = 0.5):
+  def __init__(self, parent, directory, min_seen, max_fraction):
+    super().__init__(parent)
     self.directory, self.min_seen, self.max_fraction = directory, min_seen, max_fraction
     self.seen = self.skipped = 0
 
-  def filter(self, element) -> bool:
-    self.seen += 1
-    if "_skip" not in element:
-      return True
-    self.skipped += 1
-    logging.warning("skipped an undecodable record in %s: %s", self.directory, element["_skip"])
-    if self.seen >= self.min_seen and self.skipped > self.max_fraction * self.seen:
-      raise RuntimeError(f"{self.skipped} of {self.seen} records in {self.directory} fail to "
-                         "decode: the dataset is broken; rebuild it (dinorank_jax.data.build)")
-    return False
+  def __next__(self):
+    since_last = 0
+    while True:
+      element = next(self._parent)
+      self.seen += 1
+      if "_skip" not in element:
+        return {**element, "skipped": np.int32(since_last)}
+      since_last += 1
+      self.skipped += 1
+      logging.warning("skipped an undecodable record in %s: %s", self.directory, element["_skip"])
+      if self.seen >= self.min_seen and self.skipped > self.max_fraction * self.seen:
+        raise RuntimeError(f"{self.skipped} of {self.seen} records in {self.directory} fail "
+                           "to decode: the dataset is broken; rebuild it (dinorank_jax.data.build)")
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class CountSkips(grain.IterDataset):
+  """Drops skip markers, logging each; every example carries `skipped`, the
+  number dropped just before it, so a batch's sum counts its skips (also
+  from worker processes). Fails on a broken source: more than
+  `max_fraction` of the first `min_seen`+ records undecodable."""
+
+  def __init__(self, parent, directory: str, min_seen: int = 100, max_fraction: float = 0.5):
+    super().__init__(parent)
+    self.directory, self.min_seen, self.max_fraction = directory, min_seen, max_fraction
+
+  def __iter__(self):
+    return _CountSkipsIterator(self._parent.__iter__(), self.directory, self.min_seen,
+                               self.max_fraction)
+
+  def __str__(self) -> str:
+    return f"CountSkips({self.directory})"
+
+
+class ProcessBlocks(grain.MapDataset):
+  """Process `index`'s rows of each global batch of the parent stream.
+
+  The global batch `k` is the parent's elements `[k · G, (k + 1) · G)` with
+  `G = block · count`; process `index` holds rows `[index · block, (index +
+  1) · block)` of it, exactly where `jax.make_array_from_process_local_data`
+  puts them. So the global batches do not depend on the process count.
+  Elements are `(parent position, parent element)`.
+  """
+
+  def __init__(self, parent: grain.MapDataset, block: int, index: int, count: int):
+    super().__init__(parent)
+    self.block, self.index, self.count = block, index, count
+
+  def __len__(self) -> int:
+    return len(self._parent) // (self.block * self.count) * self.block
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return self.slice(i)
+    batch, row = divmod(i, self.block)
+    position = (batch * self.count + self.index) * self.block + row
+    return position, self._parent[position]
+
+  def __str__(self) -> str:
+    return f"ProcessBlocks(block={self.block}, index={self.index}, count={self.count})"
 
 
 def make_dataset(directory: str, *, batch_size: int, image_size: int, seed: int,
                  shard_index: int = 0, shard_count: int = 1, shuffle: bool = True,
-                 num_epochs: int | None = None, threads: int = 2, worker_count: int = 0,
+                 num_epochs: int | None = None, num_records: int | None = None,
+                 threads: int = 2, worker_count: int = 0,
                  crop_scale=(0.5, 1.0)) -> grain.IterDataset:
   """The training stream over the dataset at `directory`; `iter()` of it is
   a checkpointable iterator (`get_state()` / `set_state()`).
@@ -155,25 +225,32 @@ def make_dataset(directory: str, *, batch_size: int, image_size: int, seed: int,
     batch_size: per-process batch (the global batch / process count).
     image_size: student and trunk input side.
     seed: shuffle and augmentation seed (the same on every process).
-    shard_index, shard_count: this process's share (`jax.process_index()`,
-      `jax.process_count()`); shares are disjoint and equal in size.
+    shard_index, shard_count: this process (`jax.process_index()`,
+      `jax.process_count()`); it reads its rows of every global batch
+      (`ProcessBlocks`), so shares are disjoint, equal in size, and the
+      global batches are the same for any process count.
     num_epochs: None for an endless stream; each epoch is reshuffled, and
-      augmentations are drawn per (epoch, record).
+      augmentations are drawn per stream position.
+    num_records: train on the first `num_records` records only (subsets).
     threads: decoding threads (PIL releases the GIL while decoding).
     worker_count: worker processes on top of the threads (0: none).
   """
   if worker_count and not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()   # Grain's workers read absl flags; argparse programs parse none
   ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(records.shard_paths(directory)))
-  share = len(ds) // shard_count
-  ds = ds[:share * shard_count][shard_index::shard_count].seed(seed)
+  if num_records is not None:
+    if num_records > len(ds):
+      raise ValueError(f"num_records={num_records} but {directory} holds {len(ds)} records "
+                       "(config.data.num_records)")
+    ds = ds[:num_records]
+  ds = ds.seed(seed)
   if shuffle:
     ds = ds.shuffle()
-  ds = ds.repeat(num_epochs).random_map(Decode(image_size, crop_scale))
-  ds = ds.filter(DropSkipped(directory))
+  ds = ProcessBlocks(ds.repeat(num_epochs), batch_size, shard_index, shard_count)
+  ds = ds.map(Decode(image_size, seed, crop_scale))
   stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                 prefetch_buffer_size=4 * batch_size))
-  stream = stream.batch(batch_size, drop_remainder=True)
+  stream = CountSkips(stream, directory).batch(batch_size, drop_remainder=True)
   if worker_count:
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return stream

@@ -122,22 +122,27 @@ class DinoRankCLIP(nn.Module):
       `cls_proj` with teacher dims) and `image_gate` / `text_gate` `[B, D]`
       in gated fusion modes.
     """
-    out = {"scale": jnp.exp(jnp.minimum(self.logit_scale, MAX_LOGIT_SCALE))}
-    image = self.image_tower(images)["embedding"]
-    text = self.text_tower(tokens)["embedding"]
-    if self.students == "none":
-      out["image"] = normalise(image)
-    else:
-      out.update(self._fuse("image", image, self.image_student_net(images)))
-    if self.students != "both":
-      out["text"] = normalise(text)
-    else:
-      out.update(self._fuse("text", text, self.text_student_net(tokens)))
+    out = {"scale": jnp.exp(jnp.minimum(self.logit_scale, MAX_LOGIT_SCALE)),
+           **self.embed_images(images), **self.embed_texts(tokens)}
     if self.is_initializing():  # create the heads' parameters
       sims = out["image"] @ out["text"].T
       self.image_rank_head(sims, sims, out["image"])
       self.text_rank_head(sims, sims, out["text"])
     return out
+
+  def embed_images(self, images: jax.Array) -> dict[str, Any]:
+    """The image half of `__call__`: `image` (and `image_student`, `image_gate`)."""
+    image = self.image_tower(images)["embedding"]
+    if self.students == "none":
+      return {"image": normalise(image)}
+    return self._fuse("image", image, self.image_student_net(images))
+
+  def embed_texts(self, tokens: jax.Array) -> dict[str, Any]:
+    """The text half of `__call__`: `text` (and `text_student`, `text_gate`)."""
+    text = self.text_tower(tokens)["embedding"]
+    if self.students != "both":
+      return {"text": normalise(text)}
+    return self._fuse("text", text, self.text_student_net(tokens))
 
   def _fuse(self, modality, z, student):
     fusion = getattr(self, f"{modality}_fusion")

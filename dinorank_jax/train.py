@@ -1,0 +1,226 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+One loop for one CPU, one GPU, a node or several hosts: the batch is sharded
+over every device of every process (`parallel`), each process reads its rows
+of every global batch (`data.pipeline`), and the step is the jitted,
+state-donating `step.make_train_step`. The run resumes from the latest
+complete checkpoint in `workdir` (state and data iterator, so the batches
+continue exactly), saves every `config.checkpoint.every` steps, at the end,
+and when SIGTERM arrives (preemption) before exiting. Evaluation runs on
+every process. A non-finite loss stops the run naming the step, the
+offending terms and the last good checkpoint (`config.on_nonfinite="stop"`)
+or skips that update (`"skip"`, inside the step).
+
+The workdir holds `config.json` (the resolved config), `metrics.jsonl`,
+`tensorboard/` and `checkpoints/`.
+"""
+
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from dinorank_jax import config as config_lib
+from dinorank_jax import evaluate, optim, parallel
+from dinorank_jax.checkpoint import Checkpointer, abstract_state
+from dinorank_jax.data import records
+from dinorank_jax.data.pipeline import make_dataset
+from dinorank_jax.data.prepare import prepare
+from dinorank_jax.data.tokenizer import CONTEXT_LENGTH
+from dinorank_jax.losses.distill import PROJECTED
+from dinorank_jax.metric_writer import MetricWriter
+from dinorank_jax.models import DinoRankCLIP
+from dinorank_jax.step import Objective, init_state, make_train_step
+
+NONFINITE = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the setting to change."""
+
+
+class NonFiniteLoss(RuntimeError):
+  """The loss stopped being finite; the message names the step and terms."""
+
+
+def _check(config, meta: dict | None) -> None:
+  """One clear line for each way a config and its data can disagree."""
+  if not config.data.path:
+    raise ConfigError(f"config.data.path is not set: {config_lib.DATA_HELP}")
+  if meta is None:
+    raise ConfigError(f"config.data.path={config.data.path} holds no dataset "
+                            f"({records.METADATA} missing): {config_lib.DATA_HELP}")
+  if config.model.students != "none" and not meta.get("teacher"):
+    raise ConfigError(f"config.data.path={config.data.path} has no teacher features: run "
+                     "python -m dinorank_jax.teacher.export on it (docs/data.md), or set "
+                     "--config.model.students=none")
+  if config.on_nonfinite not in NONFINITE:
+    raise ConfigError(f"config.on_nonfinite must be one of {NONFINITE}, "
+                     f"got {config.on_nonfinite!r}")
+  devices = jax.device_count()
+  for name in ("batch_size", "eval_batch_size"):
+    if config[name] % devices or config[name] % jax.process_count():
+      raise ConfigError(f"config.{name}={config[name]} must be a multiple of the "
+                       f"{devices} devices")
+
+
+def _read_metadata(path: str) -> dict | None:
+  try:
+    return records.read_metadata(path) if path else None
+  except FileNotFoundError:
+    return None
+
+
+def build_model(config, meta: dict) -> DinoRankCLIP:
+  """The model of `config.model`, with the dataset's vocabulary and, for the
+  projecting distillation criteria, its teacher widths."""
+  m = config.model
+  teacher = meta.get("teacher") or {}
+  projected = config.objective.criterion in PROJECTED and teacher
+  return DinoRankCLIP(
+      embed_dim=m.embed_dim, image_trunk=m.image_trunk, text_trunk=m.text_trunk,
+      image_student=m.image_student, text_student=m.text_student, students=m.students,
+      fusion_mode=m.fusion_mode, rank_order=m.rank_order, rank_head_dim=m.rank_head_dim,
+      rank_chunk_size=m.rank_chunk_size, vocab_size=meta["vocab_size"], eot_id=meta["eot_id"],
+      image_teacher_dims=(teacher["pca_dim"], teacher["cls_dim"]) if projected else None,
+      text_teacher_dims=(teacher["text_dim"], teacher["text_dim"]) if projected else None,
+      dtype=jnp.dtype(m.dtype))
+
+
+def _on_sigterm(flag: dict):
+  def handler(signum, frame):
+    flag["stop"] = True
+    logging.warning("SIGTERM: saving a checkpoint, then exiting")
+  return handler
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process when `flag` is on any (SIGTERM may reach the
+  processes a step apart; all must save the same step)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def _nonfinite_error(step: int, metrics: dict, checkpointer: Checkpointer) -> NonFiniteLoss:
+  terms = [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v)))]
+  last = checkpointer.latest_step
+  where = (f"resume from checkpoint {last} with a lower config.optim.lr, or set "
+           "--config.on_nonfinite=skip" if last is not None else "no checkpoint was saved yet")
+  return NonFiniteLoss(f"non-finite loss at step {step} (terms: {', '.join(terms)}); {where}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the last evaluation's
+  metrics (empty without `config.data.eval_path`)."""
+  lead = jax.process_index() == 0
+  if lead:
+    prepare(config)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("data prepared")
+  meta = _read_metadata(config.data.path)
+  _check(config, meta)
+
+  mesh = parallel.make_mesh(fsdp=config.mesh.fsdp)
+  num_records = config.data.num_records or meta["counts"]["written"]
+  steps_per_epoch = num_records // config.batch_size
+  if steps_per_epoch == 0:
+    raise ConfigError(f"config.batch_size={config.batch_size} exceeds the {num_records} "
+                     "records: lower it")
+  total_steps = steps_per_epoch * config.epochs
+  model = build_model(config, meta)
+  lr = optim.learning_rate(config.optim.lr, config.optim.warmup_steps, total_steps)
+  tx = optim.adamw(lr, config.optim.weight_decay)
+  objective = Objective(**config.objective.to_dict())
+  size = config.data.image_size
+  state, shardings = init_state(model, tx, mesh, np.zeros((1, size, size, 3), np.uint8),
+                                np.zeros((1, CONTEXT_LENGTH), np.int32), seed=config.seed)
+  iterator = iter(make_dataset(
+      config.data.path, batch_size=config.batch_size // jax.process_count(), image_size=size,
+      seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
+      num_records=config.data.num_records, threads=config.data.threads,
+      worker_count=config.data.worker_count))
+
+  checkpointer = Checkpointer(workdir, save_every=config.checkpoint.every,
+                              max_to_keep=config.checkpoint.max_to_keep)
+  restored = checkpointer.restore(abstract_state(state, shardings), iterator)
+  if restored is not None:
+    state = restored
+    logging.info("resumed from step %d", int(state.step))
+  train_step = make_train_step(model, tx, objective, mesh, shardings,
+                               steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+                               seed=config.seed,
+                               skip_nonfinite=config.on_nonfinite == "skip")
+  writer = MetricWriter(workdir, active=lead)
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  def run_eval(step):
+    if not config.data.eval_path:
+      return {}
+    metrics = evaluate.evaluate(model, state.params, mesh, config.data.eval_path,
+                                batch_size=config.eval_batch_size, image_size=size)
+    writer.write(step, metrics)
+    return metrics
+
+  preempted = {"stop": False}
+  previous = signal.signal(signal.SIGTERM, _on_sigterm(preempted))
+  start = int(state.step)
+  progress = tqdm(total=total_steps, initial=start, disable=not lead, unit="step",
+                  dynamic_ncols=True)
+  skipped, eval_metrics = 0, {}
+  timer, timed_from = time.perf_counter(), start
+  position = iterator.get_state()         # the data position a checkpoint records
+  batch = parallel.global_batch(mesh, next(iterator)) if start < total_steps else None
+  try:
+    for step in range(start, total_steps):
+      state, metrics = train_step(state, batch)
+      position = iterator.get_state()     # before the batch of step + 1
+      if step + 1 < total_steps:          # which travels while this step runs
+        batch = parallel.global_batch(mesh, next(iterator))
+      metrics = jax.device_get(metrics)
+      skipped += int(metrics.pop("data_skipped"))
+      if not metrics.pop("finite") and config.on_nonfinite == "stop":
+        raise _nonfinite_error(step, metrics, checkpointer)
+      checkpointer.save(step + 1, state, position)
+      if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
+        seconds = (time.perf_counter() - timer) / (step + 1 - timed_from)
+        timer, timed_from = time.perf_counter(), step + 1
+        writer.write(step + 1, {**metrics, "lr": lr(step),
+                                "data_skipped_total": skipped, "step_seconds": seconds,
+                                "samples_per_second": config.batch_size / seconds})
+        progress.set_postfix(loss=f"{metrics['loss']:.3f}",
+                             samples_s=f"{config.batch_size / seconds:.0f}")
+      progress.update(1)
+      if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total_steps:
+        eval_metrics = run_eval(step + 1)
+      if _any_process(preempted["stop"]):
+        checkpointer.save(step + 1, state, position, force=True)
+        break
+    else:
+      checkpointer.save(total_steps, state, position, force=True)
+      eval_metrics = run_eval(total_steps)
+  finally:
+    progress.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    signal.signal(signal.SIGTERM, previous)
+  return eval_metrics
+
+
+def print_table(metrics: dict, tasks: dict) -> None:
+  """The evaluation as a table, with each zero-shot task's chance level."""
+  print(f"{'metric':<34}{'value':>8}{'chance':>9}")
+  for name, value in sorted(metrics.items()):
+    task = name.split("/", 1)[1]
+    chance = f"{1 / len(tasks[task]):.3f}" if name.startswith("zero_shot/") else ""
+    print(f"{name:<34}{value:>8.3f}{chance:>9}")

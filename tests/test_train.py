@@ -1,0 +1,208 @@
+"""The trainer: configs, the loop's outputs, the non-finite guard, resume after
+SIGKILL and SIGTERM, and 2 processes × 4 devices against 1 × 8."""
+
+import glob
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dinorank_jax import train
+from dinorank_jax.losses.distill import CRITERIA
+from dinorank_jax.models.fusion import FUSION_MODES
+from dinorank_jax.step import Objective
+from tests import tiny_corpus
+from tests.tiny_config import CONFIGS, get_config as tiny_config
+
+ROOT = os.path.dirname(CONFIGS)
+CONFIG_ARGS = {"r0": [None], "r1": [None], "r2": [None], "r3": [None], "r4": [None],
+               "r5": [None], "clip": [None], "rankclip": [None], "demo": [None],
+               "table3b": ["clip", "rankclip", "high_order", "image_distill", "image_text",
+                           "full"],
+               "table4": [f"criterion_{c}" for c in CRITERIA]
+                         + [f"fusion_{f}" for f in FUSION_MODES],
+               "subset": ["1m", "2m"]}
+META = {"vocab_size": 100, "eot_id": 99,
+        "teacher": {"pca_dim": 8, "cls_dim": 10, "text_dim": 6}}
+
+
+def _env(tmp_path):
+  """Subprocess environment: later launches reuse the first one's compilations."""
+  return {**os.environ, "PYTHON": sys.executable,
+          "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def _main(tmp_path, workdir, *flags):
+  command = [sys.executable, "-m", "dinorank_jax.main", f"--workdir={workdir}", *flags]
+  return subprocess.Popen(command, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _saved_params(workdir, step):
+  """The parameters saved at `step`, as NumPy, whatever mesh wrote them."""
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(path).item_metadata
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        metadata)
+  return [np.asarray(x) for x in jax.tree.leaves(checkpointer.restore(path, target)["params"])]
+
+
+def test_every_config_loads_and_builds():
+  assert sorted(CONFIG_ARGS) == sorted(os.path.basename(p)[:-3]
+                                       for p in glob.glob(os.path.join(CONFIGS, "*.py")))
+  for name, args in CONFIG_ARGS.items():
+    module = runpy.run_path(os.path.join(CONFIGS, f"{name}.py"))
+    assert f"python -m dinorank_jax.main --config configs/{name}.py" in module["__doc__"]
+    for arg in args:
+      c = module["get_config"](arg)
+      Objective(**c.objective.to_dict())
+      assert c.model.fusion_mode in FUSION_MODES and c.objective.criterion in CRITERIA
+      # The experiment's structure at the tiny widths (trunk sizes are checked
+      # by the model tests at the paper's widths).
+      c.model.update(image_trunk="tiny/16", text_trunk="tiny", image_student="tiny/8",
+                     text_student="tiny", embed_dim=16, rank_head_dim=8)
+      model = train.build_model(c, META)
+      jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3)),
+                     np.zeros((1, 77), np.int32))
+  with pytest.raises(ValueError, match="configs/table4.py:fusion_full"):
+    runpy.run_path(os.path.join(CONFIGS, "table4.py"))["get_config"](None)
+
+
+def test_r3_without_data_names_the_flag(tmp_path):
+  proc = _main(tmp_path, tmp_path / "run", "--config=configs/r3.py")
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 1
+  assert out.strip().splitlines()[-1] == (
+      "error: config.data.path is not set: set --config.data.path to a records directory "
+      "with teacher features (docs/data.md: dinorank_jax.data.build, then "
+      "dinorank_jax.teacher.export)")
+  proc = _main(tmp_path, tmp_path / "run", "--config=configs/r3.py:/nowhere")
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 1 and "config.data.path=/nowhere holds no dataset" in out
+
+
+def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path):
+  root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=128)
+  workdir = str(tmp_path / "run")
+  config = tiny_config(root)
+  config.epochs = 4                     # 16 steps: order 2 from step 12
+  result = train.train_and_evaluate(config, workdir)
+  assert set(result) == {"eval/skipped", "retrieval/i2t_r1", "retrieval/t2i_r1",
+                         "zero_shot/colour", "zero_shot/shape", "zero_shot/colour_shape_texture"}
+  assert 0 <= result["zero_shot/colour"] <= 1 and result["eval/skipped"] == 0
+  logged = _metrics(workdir)
+  train_rows = [m for m in logged if "loss" in m]
+  assert [m["step"] for m in train_rows] == list(range(1, 17))
+  for key in ("clip", "rank_cross", "rank_in", "distill_image", "distill_text", "fusion_gate",
+              "rank_gate_penalty", "image_rank_head_gate_2", "text_rank_head_gate_3",
+              "rank_weight", "logit_scale", "lr", "active_order", "data_skipped_total",
+              "step_seconds", "samples_per_second"):
+    assert key in train_rows[-1], key
+  assert train_rows[11]["active_order"] == 1 and train_rows[12]["active_order"] == 2
+  assert "zero_shot/colour" in logged[-1]
+  assert json.load(open(os.path.join(workdir, "config.json")))["batch_size"] == 32
+  events = EventAccumulator(os.path.join(workdir, "tensorboard"))
+  events.Reload()
+  assert [e.step for e in events.Scalars("loss")] == list(range(1, 17))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "8"]
+  # A finished run resumes at its end: no step is taken again.
+  train.train_and_evaluate(config, workdir)
+  assert len([m for m in _metrics(workdir) if "loss" in m]) == 16
+
+
+def test_nonfinite_loss_stops_naming_step_terms_and_checkpoint(tmp_path):
+  clean = tiny_corpus.corpora(str(tmp_path / "clean"), num_train=64)
+  poisoned = tiny_corpus.corpora(str(tmp_path / "poisoned"), num_train=64, poison=True)
+  workdir = str(tmp_path / "run")
+  config = tiny_config(clean)
+  config.epochs = 4                     # 8 steps, checkpoint at 8
+  train.train_and_evaluate(config, workdir)
+  config = tiny_config(poisoned)
+  config.epochs = 8
+  with pytest.raises(train.NonFiniteLoss, match=r"non-finite loss at step 8 \(terms: "
+                     r".*distill_image.*\); resume from checkpoint 8"):
+    train.train_and_evaluate(config, workdir)
+  config.on_nonfinite = "skip"          # the same data, updates skipped: the run finishes
+  train.train_and_evaluate(config, workdir)
+  assert all(np.isfinite(x).all() for x in _saved_params(workdir, 16))
+
+
+def _wait_for(predicate, proc, timeout=400):
+  deadline = time.time() + timeout
+  while not predicate():
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.2)
+
+
+def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
+  root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=128)
+  flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=50",      # 200 steps
+           "--config.checkpoint.every=100", "--config.data.eval_path=")
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  proc = _main(tmp_path, straight, *flags)
+  assert proc.wait(timeout=600) == 0, proc.communicate()[0][-3000:]
+
+  proc = _main(tmp_path, resumed, *flags)
+  saved = lambda step: os.path.isdir(os.path.join(resumed, "checkpoints", str(step)))
+  _wait_for(lambda: saved(100), proc)
+  proc.send_signal(signal.SIGKILL)                      # no chance to save or clean up
+  proc.wait()
+  killed_at = max(m["step"] for m in _metrics(resumed))
+  proc = _main(tmp_path, resumed, *flags)                         # resumes from 100
+  _wait_for(lambda: max(m["step"] for m in _metrics(resumed)) >= killed_at + 20, proc)
+  proc.send_signal(signal.SIGTERM)                      # preemption: save, then exit
+  assert proc.wait(timeout=300) == 0
+  steps = sorted(int(s) for s in os.listdir(os.path.join(resumed, "checkpoints")))
+  assert steps[-1] > killed_at and steps[-1] % 100     # the SIGTERM save
+  proc = _main(tmp_path, resumed, *flags)
+  assert proc.wait(timeout=600) == 0, proc.communicate()[0][-3000:]
+
+  # Every step's loss after the resume equals the straight run's: same batches.
+  first = {m["step"]: m["loss"] for m in _metrics(straight)}
+  for m in _metrics(resumed):
+    assert m["loss"] == first[m["step"]], m["step"]
+  for a, b in zip(_saved_params(straight, 200), _saved_params(resumed, 200)):
+    np.testing.assert_array_equal(a, b)                 # bit-exact on CPU
+
+
+def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
+  root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
+  flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=3")  # 6 steps
+  single = str(tmp_path / "single")
+  proc = _main(tmp_path, single, *flags)
+  assert proc.wait(timeout=600) == 0, proc.communicate()[0][-3000:]
+  multi = str(tmp_path / "multi")
+  script = os.path.join(ROOT, "launch", "multiprocess_cpu.sh")
+  proc = subprocess.run(["bash", script, "2", "4", f"--workdir={multi}", *flags], cwd=ROOT,
+                        env=_env(tmp_path),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  one, two = _metrics(single), _metrics(multi)
+  assert [m["step"] for m in one] == [m["step"] for m in two]
+  for a, b in zip(one, two):
+    for key in ("loss", "clip", "rank_cross", "distill_image", "distill_text",
+                "retrieval/i2t_r1", "zero_shot/colour"):
+      if key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=key)
+  # Adam turns float noise in near-zero gradients into steps of up to lr (2e-3)
+  # over 6 steps; 1e-4 is far below what a missed cross-process reduction gives.
+  for a, b in zip(_saved_params(single, 6), _saved_params(multi, 6)):
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)

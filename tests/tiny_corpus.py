@@ -1,0 +1,44 @@
+"""Small synthetic corpora with stand-in teacher features, written without
+torch (the teacher export has its own test): seeded Gaussian features of
+the shapes the export writes."""
+
+import os
+
+import numpy as np
+
+from dinorank_jax.data import build, records
+
+TEACHER = {"image": "gaussian-stand-in", "text": "gaussian-stand-in", "image_size": 64,
+           "grid": [4, 4], "pca_file": None, "pca_dim": 8, "cls_dim": 10, "text_dim": 6,
+           "text_length": 12}
+
+
+def corpus(directory: str, *, num: int, seed: int = 0, poison: bool = False) -> str:
+  """A corpus of `num` synthetic pairs at `directory`; `poison` makes every
+  record's teacher patch grid infinite."""
+  raw = directory + "-raw"
+  args = build.parser().parse_args(["--source", "synthetic", "--out", raw, "--num", str(num),
+                                    "--seed", str(seed), "--image_size", "48",
+                                    "--shard_size", "64", "--workers", "1"])
+  meta = build.build(args)
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  for index, path in enumerate(records.shard_paths(raw)):
+    recs = [dict(records.decode_record(r)) for r in records.read_shard(path)]
+    for r in recs:
+      patches = rng.normal(size=(4, 4, 8)).astype(np.float16)
+      r.update(teacher_patches=np.full_like(patches, np.inf) if poison else patches,
+               teacher_cls=rng.normal(size=10).astype(np.float16),
+               teacher_text_tokens=rng.normal(size=(12, 6)).astype(np.float16),
+               teacher_text_mask=np.arange(12) < rng.integers(2, 12),
+               teacher_text_pooled=rng.normal(size=6).astype(np.float16))
+    records.write_shard(directory, index, recs, {})
+  records.write_json(os.path.join(directory, records.METADATA), {**meta, "teacher": TEACHER})
+  return directory
+
+
+def corpora(root: str, *, num_train: int, num_eval: int = 64, poison: bool = False) -> str:
+  """`root/train` and `root/val` (different seeds), as `tiny_config` expects."""
+  corpus(os.path.join(root, "train"), num=num_train, poison=poison)
+  corpus(os.path.join(root, "val"), num=num_eval, seed=1)
+  return root
