@@ -3,6 +3,7 @@
     L = L_CLIP + λ(t) (L_cross^R + L_in^R)
         + α_I (L_Gram^I + β L_rel^I) + α_T (L_Gram^T + β L_rel^T)
         + λ_fg mean(g²) + λ_g Σ_r (r − 1) g_r²
+        [+ λ_in L_cyc^in + λ_cross L_cyc^cross   for the CyCLIP baseline]
 
 The model's forward pass runs under `jax.jit` with the batch sharded over the
 mesh (`parallel.BATCH`) and the state placed by `parallel.state_shardings`;
@@ -24,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dinorank_jax import optim
 from dinorank_jax.data.pipeline import align_teacher_grid
 from dinorank_jax.losses.contrastive import clip_loss
+from dinorank_jax.losses.cyclip import cyclic_losses
 from dinorank_jax.losses.distill import distill_loss, masked_adaptive_avg_pool
 from dinorank_jax.losses.ranking import gate_penalty, rank_losses
 from dinorank_jax.models import DinoRankCLIP, list_heads
@@ -48,6 +50,8 @@ class Objective:
   beta: float = 1.0
   fusion_gate: float = 1e-4         # λ_fg
   rank_gate: float = 1e-4           # λ_g
+  cyclic_in: float = 0.0             # CyCLIP's λ_in (its paper: 0.25)
+  cyclic_cross: float = 0.0          # CyCLIP's λ_cross (its paper: 0.25)
   criterion: str = "gram_rel"
   text_slots: int = 16              # L_t
   rkd_max_triples: int = 4096
@@ -78,6 +82,8 @@ def _local_losses(objective, model, params, out, batch, scale, key, active, stud
       axis_name=BATCH, scope=objective.rank_scope, tie_key=tie_key, active_order=active,
       list_len=objective.list_len, high_order_len=objective.high_order_len)
   terms = {"clip": clip, "rank_cross": cross, "rank_in": in_modal}
+  if objective.cyclic_in or objective.cyclic_cross:
+    terms["cyclic_in"], terms["cyclic_cross"] = cyclic_losses(out["image"], out["text"], BATCH)
   shard = jax.lax.axis_index(BATCH)
   if "image_student" in out:
     teacher = {"tokens": align_teacher_grid(batch["teacher_patches"], batch["crop"],
@@ -129,20 +135,23 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
         functools.partial(_local_losses, objective, model, student_grid=(side, side)),
         mesh=mesh, in_specs=(P(), batch_spec, batch_spec, P(), P(), P()), out_specs=P())
     rows = {k: x for k, x in out.items() if k != "scale"}
-    # Only what the rank heads need enters the shard_map (replicated there).
-    heads = {k: params[k] for k in (*optim.RANK_HEADS, "logit_scale")}
+    # Only what the rank heads need enters the shard_map (replicated there);
+    # order-0 and order-1 heads have no parameters.
+    heads = {k: params[k] for k in (*optim.RANK_HEADS, "logit_scale") if k in params}
     terms, metrics = local(heads, rows, batch, out["scale"],
                            jax.random.fold_in(base_key, step), active)
     weight = optim.rank_weight(objective.rank_schedule, step, steps_per_epoch, epochs,
                                objective.rank_max)
-    penalty = sum(gate_penalty(params[h], active) for h in optim.RANK_HEADS)
+    penalty = sum(gate_penalty(params.get(h, {}), active) for h in optim.RANK_HEADS)
     loss = (terms["clip"] + weight * (terms["rank_cross"] + terms["rank_in"])
             + objective.alpha_image * terms.get("distill_image", 0.0)
             + objective.alpha_text * terms.get("distill_text", 0.0)
             + objective.fusion_gate * terms.get("fusion_gate", 0.0)
-            + objective.rank_gate * penalty)
-    gates = {f"{h}_{k}": g for h in optim.RANK_HEADS for k, g in params[h].items()
-             if k.startswith("gate_")}
+            + objective.rank_gate * penalty
+            + objective.cyclic_in * terms.get("cyclic_in", 0.0)
+            + objective.cyclic_cross * terms.get("cyclic_cross", 0.0))
+    gates = {f"{h}_{k}": jax.nn.sigmoid(a) for h in optim.RANK_HEADS
+             for k, a in params.get(h, {}).items() if k.startswith("gate_")}   # g_r = σ(a_r)
     metrics = {**metrics, **terms, **gates, "rank_gate_penalty": penalty, "rank_weight": weight,
                "active_order": active, "logit_scale": out["scale"], "loss": loss}
     return loss, metrics

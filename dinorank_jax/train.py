@@ -56,19 +56,19 @@ def _check(config, meta: dict | None) -> None:
     raise ConfigError(f"config.data.path is not set: {config_lib.DATA_HELP}")
   if meta is None:
     raise ConfigError(f"config.data.path={config.data.path} holds no dataset "
-                            f"({records.METADATA} missing): {config_lib.DATA_HELP}")
+                      f"({records.METADATA} missing): {config_lib.DATA_HELP}")
   if config.model.students != "none" and not meta.get("teacher"):
     raise ConfigError(f"config.data.path={config.data.path} has no teacher features: run "
-                     "python -m dinorank_jax.teacher.export on it (docs/data.md), or set "
-                     "--config.model.students=none")
+                      "python -m dinorank_jax.teacher.export on it (docs/data.md), or set "
+                      "--config.model.students=none")
   if config.on_nonfinite not in NONFINITE:
     raise ConfigError(f"config.on_nonfinite must be one of {NONFINITE}, "
-                     f"got {config.on_nonfinite!r}")
+                      f"got {config.on_nonfinite!r}")
   devices = jax.device_count()
   for name in ("batch_size", "eval_batch_size"):
     if config[name] % devices or config[name] % jax.process_count():
       raise ConfigError(f"config.{name}={config[name]} must be a multiple of the "
-                       f"{devices} devices")
+                        f"{devices} devices")
 
 
 def _read_metadata(path: str) -> dict | None:
@@ -112,8 +112,9 @@ def _any_process(flag: bool) -> bool:
 def _nonfinite_error(step: int, metrics: dict, checkpointer: Checkpointer) -> NonFiniteLoss:
   terms = [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v)))]
   last = checkpointer.latest_step
-  where = (f"resume from checkpoint {last} with a lower config.optim.lr, or set "
-           "--config.on_nonfinite=skip" if last is not None else "no checkpoint was saved yet")
+  fix = "with a lower config.optim.lr, or set --config.on_nonfinite=skip"
+  where = (f"resume from checkpoint {last} {fix}" if last is not None
+           else f"no checkpoint was saved yet: rerun {fix}")
   return NonFiniteLoss(f"non-finite loss at step {step} (terms: {', '.join(terms)}); {where}")
 
 
@@ -133,7 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   steps_per_epoch = num_records // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f"config.batch_size={config.batch_size} exceeds the {num_records} "
-                     "records: lower it")
+                      "records: lower it")
   total_steps = steps_per_epoch * config.epochs
   model = build_model(config, meta)
   lr = optim.learning_rate(config.optim.lr, config.optim.warmup_steps, total_steps)
@@ -188,8 +189,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batch = parallel.global_batch(mesh, next(iterator))
       metrics = jax.device_get(metrics)
       skipped += int(metrics.pop("data_skipped"))
-      if not metrics.pop("finite") and config.on_nonfinite == "stop":
-        raise _nonfinite_error(step, metrics, checkpointer)
+      if not metrics.pop("finite"):
+        if config.on_nonfinite == "stop":
+          raise _nonfinite_error(step, metrics, checkpointer)
+        logging.warning("step %d: non-finite loss, update skipped", step)
       checkpointer.save(step + 1, state, position)
       if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
         seconds = (time.perf_counter() - timer) / (step + 1 - timed_from)

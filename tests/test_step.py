@@ -130,3 +130,16 @@ def test_nonfinite_step_is_skipped_when_asked():
     same = all(np.array_equal(a, np.asarray(b))
                for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)))
     assert same == skip
+
+
+def test_cyclip_objective_adds_both_regularisers():
+  mesh = parallel.make_mesh()
+  objective = Objective(cyclic_in=0.25, cyclic_cross=0.5)
+  state, history, _ = _run(mesh, objective, steps=2, tx=optax.sgd(0.1), students="none",
+                           rank_order=0)
+  for m in history:
+    assert float(m["cyclic_in"]) > 0 and float(m["cyclic_cross"]) > 0
+    expected = (m["clip"] + m["rank_weight"] * (m["rank_cross"] + m["rank_in"])
+                + 0.25 * m["cyclic_in"] + 0.5 * m["cyclic_cross"]
+                + 1e-4 * m["rank_gate_penalty"])
+    np.testing.assert_allclose(m["loss"], expected, rtol=1e-6)

@@ -26,6 +26,7 @@ from tests.tiny_config import CONFIGS, get_config as tiny_config
 ROOT = os.path.dirname(CONFIGS)
 CONFIG_ARGS = {"r0": [None], "r1": [None], "r2": [None], "r3": [None], "r4": [None],
                "r5": [None], "clip": [None], "rankclip": [None], "demo": [None],
+               "cyclip": [None, "demo"],
                "table3b": ["clip", "rankclip", "high_order", "image_distill", "image_text",
                            "full"],
                "table4": [f"criterion_{c}" for c in CRITERIA]
