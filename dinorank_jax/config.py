@@ -56,6 +56,7 @@ def paper(*, order: int = 3, epochs: int = 64, students: str = "both",
   c.objective.rank_gate = 1e-4
   c.objective.cyclic_in = 0.0               # CyCLIP baseline only
   c.objective.cyclic_cross = 0.0
+  c.objective.alip = False                  # ALIP baseline only
   c.objective.criterion = "gram_rel"
   c.objective.text_slots = 16
   c.objective.rkd_max_triples = 4096

@@ -5,6 +5,10 @@
         + λ_fg mean(g²) + λ_g Σ_r (r − 1) g_r²
         [+ λ_in L_cyc^in + λ_cross L_cyc^cross   for the CyCLIP baseline]
 
+and, for the ALIP baseline (`Objective.alip`), L_CLIP becomes ALIP's
+adaptive loss over both paths, raw text and synthetic caption
+(`losses/alip.py`), whose gates keep running means in `TrainState.stats`.
+
 The model's forward pass runs under `jax.jit` with the batch sharded over the
 mesh (`parallel.BATCH`) and the state placed by `parallel.state_shardings`;
 the terms that need explicit collectives or the *local* batch
@@ -24,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dinorank_jax import optim
 from dinorank_jax.data.pipeline import align_teacher_grid
+from dinorank_jax.losses.alip import consistency_gates, initial_momenta
 from dinorank_jax.losses.contrastive import clip_loss
 from dinorank_jax.losses.cyclip import cyclic_losses
 from dinorank_jax.losses.distill import distill_loss, masked_adaptive_avg_pool
@@ -52,6 +57,7 @@ class Objective:
   rank_gate: float = 1e-4           # λ_g
   cyclic_in: float = 0.0             # CyCLIP's λ_in (its paper: 0.25)
   cyclic_cross: float = 0.0          # CyCLIP's λ_cross (its paper: 0.25)
+  alip: bool = False                 # ALIP's bi-path adaptive loss (needs syn_tokens)
   criterion: str = "gram_rel"
   text_slots: int = 16              # L_t
   rkd_max_triples: int = 4096
@@ -62,6 +68,7 @@ class TrainState:
   step: jax.Array
   params: dict
   opt_state: optax.OptState
+  stats: dict          # running statistics of the objective (ALIP's momenta), else empty
 
 
 def normalise_images(images: jax.Array) -> jax.Array:
@@ -70,13 +77,21 @@ def normalise_images(images: jax.Array) -> jax.Array:
   return (x - jnp.asarray(IMAGE_MEAN)) / jnp.asarray(IMAGE_STD)
 
 
-def _local_losses(objective, model, params, out, batch, scale, key, active, student_grid):
-  """Every loss term on this shard's rows; scalars equal on every shard."""
+def _local_losses(objective, model, params, out, batch, scale, key, active, stats,
+                  student_grid):
+  """Every loss term on this shard's rows and the updated `stats`; scalars
+  equal on every shard."""
   image_head, text_head = list_heads(model, {"params": params})
   tie_key, image_key, text_key = jax.random.split(key, 3)
   distill = functools.partial(distill_loss, objective.criterion, beta=objective.beta,
                               max_triples=objective.rkd_max_triples)
-  clip, metrics = clip_loss(out["image"], out["text"], scale, axis_name=BATCH)
+  weights = {}
+  if objective.alip:
+    weights, momenta, alip_metrics = consistency_gates(
+        out["image"], out["text"], out["caption"], stats["alip_momenta"], BATCH)
+    stats = {**stats, "alip_momenta": momenta}
+  clip, metrics = clip_loss(out["image"], out["text"], scale, axis_name=BATCH,
+                            weights=weights.get("text"))
   cross, in_modal = rank_losses(
       out["image"], out["text"], scale, image_head=image_head, text_head=text_head,
       axis_name=BATCH, scope=objective.rank_scope, tie_key=tie_key, active_order=active,
@@ -84,6 +99,10 @@ def _local_losses(objective, model, params, out, batch, scale, key, active, stud
   terms = {"clip": clip, "rank_cross": cross, "rank_in": in_modal}
   if objective.cyclic_in or objective.cyclic_cross:
     terms["cyclic_in"], terms["cyclic_cross"] = cyclic_losses(out["image"], out["text"], BATCH)
+  if objective.alip:
+    terms["clip_caption"], _ = clip_loss(out["image"], out["caption"], scale, axis_name=BATCH,
+                                         weights=weights["caption"])
+    metrics.update(alip_metrics)
   shard = jax.lax.axis_index(BATCH)
   if "image_student" in out:
     teacher = {"tokens": align_teacher_grid(batch["teacher_patches"], batch["crop"],
@@ -107,7 +126,7 @@ def _local_losses(objective, model, params, out, batch, scale, key, active, stud
   terms = {k: jax.lax.pmean(x, BATCH) if k.startswith(("distill", "fusion")) else x
            for k, x in terms.items()}
   metrics = jax.tree.map(lambda x: jax.lax.pmean(x, BATCH), metrics)
-  return terms, metrics
+  return terms, metrics, stats
 
 
 def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
@@ -117,7 +136,8 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
 
   `batch` is a dict of global arrays sharded over `BATCH` (see
   `parallel.global_batch`): `image` uint8 `[B, S, S, 3]`, `tokens`, and the
-  teacher fields and `crop`, `flip` of `data.pipeline` when students are on.
+  teacher fields and `crop`, `flip` of `data.pipeline` when students are on,
+  and `syn_tokens` for ALIP.
   `state_sharding` places the state (`parallel.state_shardings`). With
   `skip_nonfinite`, a step whose loss is not finite leaves the parameters and
   optimiser state as they were (`metrics["finite"]` says which happened).
@@ -127,23 +147,27 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
   replicated = NamedSharding(mesh, P())
   batch_spec = P(BATCH)
 
-  def loss_fn(params, batch, step):
+  def loss_fn(params, batch, step, stats):
     active = optim.active_order(step, steps_per_epoch, model.rank_order)
     out = model.apply({"params": params}, normalise_images(batch["image"]), batch["tokens"])
+    if objective.alip:   # the second path: the same text tower on the synthetic captions
+      out["caption"] = model.apply({"params": params}, batch["syn_tokens"],
+                                   method=DinoRankCLIP.embed_texts)["text"]
     side = batch["image"].shape[1] // student_patch
     local = jax.shard_map(
         functools.partial(_local_losses, objective, model, student_grid=(side, side)),
-        mesh=mesh, in_specs=(P(), batch_spec, batch_spec, P(), P(), P()), out_specs=P())
+        mesh=mesh, in_specs=(P(), batch_spec, batch_spec, P(), P(), P(), P()), out_specs=P())
     rows = {k: x for k, x in out.items() if k != "scale"}
     # Only what the rank heads need enters the shard_map (replicated there);
     # order-0 and order-1 heads have no parameters.
     heads = {k: params[k] for k in (*optim.RANK_HEADS, "logit_scale") if k in params}
-    terms, metrics = local(heads, rows, batch, out["scale"],
-                           jax.random.fold_in(base_key, step), active)
+    terms, metrics, stats = local(heads, rows, batch, out["scale"],
+                                  jax.random.fold_in(base_key, step), active, stats)
     weight = optim.rank_weight(objective.rank_schedule, step, steps_per_epoch, epochs,
                                objective.rank_max)
     penalty = sum(gate_penalty(params.get(h, {}), active) for h in optim.RANK_HEADS)
-    loss = (terms["clip"] + weight * (terms["rank_cross"] + terms["rank_in"])
+    loss = (terms["clip"] + terms.get("clip_caption", 0.0)
+            + weight * (terms["rank_cross"] + terms["rank_in"])
             + objective.alpha_image * terms.get("distill_image", 0.0)
             + objective.alpha_text * terms.get("distill_text", 0.0)
             + objective.fusion_gate * terms.get("fusion_gate", 0.0)
@@ -154,12 +178,12 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
              for k, a in params.get(h, {}).items() if k.startswith("gate_")}   # g_r = σ(a_r)
     metrics = {**metrics, **terms, **gates, "rank_gate_penalty": penalty, "rank_weight": weight,
                "active_order": active, "logit_scale": out["scale"], "loss": loss}
-    return loss, metrics
+    return loss, (metrics, stats)
 
   def step_fn(state: TrainState, batch):
     tags = optim.order_tags(state.params)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, state.step)
+    (loss, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, state.step, state.stats)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = optim.freeze_inactive(updates, tags, metrics["active_order"])
     params = optax.apply_updates(state.params, updates)
@@ -168,21 +192,24 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
       keep = lambda new, old: jnp.where(finite, new, old)
       params = jax.tree.map(keep, params, state.params)
       opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+      stats = jax.tree.map(keep, stats, state.stats)
     metrics["finite"] = finite
     metrics["data_skipped"] = jnp.sum(batch["skipped"]) if "skipped" in batch else 0
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return TrainState(state.step + 1, params, opt_state, stats), metrics
 
   return jax.jit(step_fn, in_shardings=(state_sharding, NamedSharding(mesh, batch_spec)),
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
 
 
 def init_state(model: DinoRankCLIP, tx: optax.GradientTransformation, mesh, images, tokens,
-               seed: int = 0) -> tuple[TrainState, object]:
-  """Parameters and optimiser state, created in place with the shardings of
-  `parallel.state_shardings`; returns `(state, shardings)`."""
+               seed: int = 0, objective: Objective = Objective()) -> tuple[TrainState, object]:
+  """Parameters, optimiser state and the objective's statistics, created in
+  place with the shardings of `parallel.state_shardings`; returns
+  `(state, shardings)`."""
   def init(images, tokens):
     params = model.init(jax.random.key(seed), normalise_images(images), tokens)["params"]
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    stats = {"alip_momenta": initial_momenta()} if objective.alip else {}
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), stats)
   images, tokens = jnp.asarray(images[:1]), jnp.asarray(tokens[:1])
   shardings = state_shardings(jax.eval_shape(init, images, tokens), mesh)
   return jax.jit(init, out_shardings=shardings)(images, tokens), shardings

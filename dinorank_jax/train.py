@@ -61,6 +61,10 @@ def _check(config, meta: dict | None) -> None:
     raise ConfigError(f"config.data.path={config.data.path} has no teacher features: run "
                       "python -m dinorank_jax.teacher.export on it (docs/data.md), or set "
                       "--config.model.students=none")
+  if config.objective.alip and not meta["counts"].get("syn_caption"):
+    raise ConfigError(f"config.objective.alip needs synthetic captions, and "
+                      f"config.data.path={config.data.path} has none: rebuild it with a "
+                      "syn_caption column or {key}.syn.txt members (docs/data.md)")
   if config.on_nonfinite not in NONFINITE:
     raise ConfigError(f"config.on_nonfinite must be one of {NONFINITE}, "
                       f"got {config.on_nonfinite!r}")
@@ -142,12 +146,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   objective = Objective(**config.objective.to_dict())
   size = config.data.image_size
   state, shardings = init_state(model, tx, mesh, np.zeros((1, size, size, 3), np.uint8),
-                                np.zeros((1, CONTEXT_LENGTH), np.int32), seed=config.seed)
+                                np.zeros((1, CONTEXT_LENGTH), np.int32), seed=config.seed,
+                                objective=objective)
   iterator = iter(make_dataset(
       config.data.path, batch_size=config.batch_size // jax.process_count(), image_size=size,
       seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
       num_records=config.data.num_records, threads=config.data.threads,
-      worker_count=config.data.worker_count))
+      worker_count=config.data.worker_count, syn_captions=objective.alip))
 
   checkpointer = Checkpointer(workdir, save_every=config.checkpoint.every,
                               max_to_keep=config.checkpoint.max_to_keep)

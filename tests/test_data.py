@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from dinorank_jax.data import build, pipeline, records, synthetic
+from dinorank_jax.data.tokenizer import TextTokenizer
 from dinorank_jax.teacher.pca import fit_pca, project
 
 
@@ -151,22 +152,67 @@ def test_builders_skip_and_count_bad_inputs(tmp_path):
                    "missing.jpg\tno file\n")
   meta = build.build(_build_args(source="tsv", input=str(table), out=str(tmp_path / "t"),
                                  workers=1))
-  assert meta["counts"] == {"written": 1, "corrupt": 2, "empty_caption": 1}
+  assert meta["counts"] == {"written": 1, "corrupt": 2, "empty_caption": 1, "syn_caption": 0}
   rec = records.decode_record(records.read_shard(records.shard_paths(str(tmp_path / "t"))[0])[0])
   assert rec["caption"] == "a grey picture" and min(Image.open(io.BytesIO(rec["jpeg"])).size) == 256
   sidecar = json.loads((tmp_path / "t" / "shard-00000.json").read_text())
   assert sorted(sidecar["skipped_keys"]) == ["000000001", "000000002", "000000003"]
 
-  tar_path = tmp_path / "00000.tar"
-  with tarfile.open(tar_path, "w") as tar:
-    for key, image, text in (("k1", good, b"a cat"), ("k2", b"junk", b"a dog"), ("k3", good, b"")):
-      for ext, data in (("jpg", image), ("txt", text)):
+  _tar(tmp_path / "00000.tar", [(key, {"jpg": image, "txt": text}) for key, image, text in
+                                (("k1", good, b"a cat"), ("k2", b"junk", b"a dog"), ("k3", good, b""))])
+  meta = build.build(_build_args(source="webdataset", input=str(tmp_path / "*.tar"),
+                                 out=str(tmp_path / "w"), workers=1))
+  assert meta["counts"] == {"written": 1, "corrupt": 1, "empty_caption": 1, "syn_caption": 0}
+
+
+def _tar(path, samples):
+  with tarfile.open(path, "w") as tar:
+    for key, members in samples:
+      for ext, data in members.items():
         info = tarfile.TarInfo(f"{key}.{ext}")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
+
+
+def test_synthetic_captions_from_every_source_reach_alip_batches(tmp_path):
+  good = _jpeg(np.full((40, 40, 3), 120, np.uint8))
+  rows = ["image\tcaption\tsyn_caption"]
+  for i in range(4):
+    (tmp_path / f"{i}.jpg").write_bytes(good)
+    rows.append(f"{i}.jpg\tgrey picture {i}\t" + (f"a  plain grey square {i}" if i < 3 else " "))
+  (tmp_path / "pairs.tsv").write_text("\n".join(rows) + "\n")
+  out = str(tmp_path / "t")
+  meta = build.build(_build_args(source="tsv", input=str(tmp_path / "pairs.tsv"), out=out,
+                                 workers=1))
+  assert meta["counts"]["written"] == 4 and meta["counts"]["syn_caption"] == 3
+  recs = [records.decode_record(r) for r in records.read_shard(records.shard_paths(out)[0])]
+  tokenize = lambda texts: TextTokenizer()(texts, 77)
+  assert recs[0]["syn_caption"] == "a plain grey square 0"       # whitespace collapsed
+  np.testing.assert_array_equal(recs[0]["syn_tokens"], tokenize(["a plain grey square 0"])[0])
+  assert "syn_caption" not in recs[3] and "syn_tokens" not in recs[3]   # kept, without one
+
+  # ALIP's batches pair each raw caption with its own synthetic one; the
+  # record without one is skipped and counted.
+  pairs = {tuple(tokenize([f"grey picture {i}"])[0]): tokenize([f"a plain grey square {i}"])[0]
+           for i in range(3)}
+  loader = iter(pipeline.make_dataset(out, batch_size=3, image_size=8, seed=0,
+                                      syn_captions=True))
+  batches = [next(loader) for _ in range(2)]                   # epochs 1 and 2
+  for b in batches:
+    for raw, syn in zip(b["tokens"], b["syn_tokens"]):
+      np.testing.assert_array_equal(syn, pairs[tuple(raw)])
+  assert 1 <= sum(int(b["skipped"].sum()) for b in batches) <= 2
+  assert "syn_tokens" not in next(iter(pipeline.make_dataset(out, batch_size=3, image_size=8,
+                                                             seed=0)))
+
+  _tar(tmp_path / "00000.tar", [("k1", {"jpg": good, "txt": b"a cat", "syn.txt": b"a grey square"}),
+                                ("k2", {"jpg": good, "txt": b"a dog"})])
   meta = build.build(_build_args(source="webdataset", input=str(tmp_path / "*.tar"),
                                  out=str(tmp_path / "w"), workers=1))
-  assert meta["counts"] == {"written": 1, "corrupt": 1, "empty_caption": 1}
+  assert meta["counts"]["written"] == 2 and meta["counts"]["syn_caption"] == 1
+  recs = [records.decode_record(r)
+          for r in records.read_shard(records.shard_paths(str(tmp_path / "w"))[0])]
+  assert recs[0]["caption"] == "a cat" and recs[0]["syn_caption"] == "a grey square"
 
 
 def test_pipeline_skips_bad_records_and_fails_on_a_broken_source(tmp_path):
@@ -190,11 +236,14 @@ def test_synthetic_corpus_is_deterministic_and_labelled(tmp_path):
   a, b = synthetic.example(7, 3), synthetic.example(7, 3)
   assert a == b and synthetic.example(8, 3)[1:3] != a[1:3]
   for i in range(50):
-    _, _, caption, labels = synthetic.example(0, i)
-    assert synthetic.TASKS["colour"][labels["colour"]] in caption
-    assert synthetic.TASKS["shape"][labels["shape"]] in caption
+    _, _, caption, extra = synthetic.example(0, i)
+    for text in (caption, extra["syn_caption"]):
+      assert synthetic.TASKS["colour"][extra["labels"]["colour"]] in text
+      assert synthetic.TASKS["shape"][extra["labels"]["shape"]] in text
+    assert extra["syn_caption"] != caption
   meta = json.loads(open(os.path.join(_synthetic(tmp_path, num=40), "metadata.json")).read())
-  assert meta["counts"]["written"] == 40 and len(meta["zero_shot_tasks"]["colour_shape_texture"]) == 120
+  assert meta["counts"]["written"] == meta["counts"]["syn_caption"] == 40
+  assert len(meta["zero_shot_tasks"]["colour_shape_texture"]) == 120
 
 
 def test_pca_reconstructs_a_rank_256_signal_exactly():

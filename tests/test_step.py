@@ -15,6 +15,7 @@ def _batch(b=16, seed=0):
   return {
       "image": rng.integers(0, 256, (b, IMAGE, IMAGE, 3), dtype=np.uint8),
       "tokens": np.asarray(tokens([int(n) for n in rng.integers(1, 20, b)])),
+      "syn_tokens": np.asarray(tokens([int(n) for n in rng.integers(1, 20, b)])),
       "crop": np.column_stack([rng.uniform(0, 0.3, (b, 2)), rng.uniform(0.5, 0.7, (b, 2))]
                               ).astype(np.float32),
       "flip": rng.integers(0, 2, b).astype(bool),
@@ -26,11 +27,12 @@ def _batch(b=16, seed=0):
   }
 
 
-def _run(mesh, objective, steps=2, tx=None, **model_kw):
+def _run(mesh, objective, steps=2, tx=None, host=None, **model_kw):
   model = tiny_model(dtype=jnp.float32, **model_kw)
   tx = tx or optim.adamw(optim.learning_rate(1e-3, 1, 10))
-  host = _batch()
-  state, shardings = init_state(model, tx, mesh, host["image"], host["tokens"])
+  host = host or _batch()
+  state, shardings = init_state(model, tx, mesh, host["image"], host["tokens"],
+                                objective=objective)
   step = make_train_step(model, tx, objective, mesh, shardings, steps_per_epoch=1, epochs=10)
   batch = parallel.global_batch(mesh, host)
   history = []
@@ -141,3 +143,42 @@ def test_cyclip_objective_adds_both_regularisers():
                 + 0.25 * m["cyclic_in"] + 0.5 * m["cyclic_cross"]
                 + 1e-4 * m["rank_gate_penalty"])
     np.testing.assert_allclose(m["loss"], expected, rtol=1e-6)
+
+
+def test_alip_objective_trains_both_paths_and_carries_its_momenta():
+  from dinorank_jax.losses.alip import consistency_gates
+  from dinorank_jax.losses.contrastive import clip_loss
+  from dinorank_jax.models import DinoRankCLIP
+  from dinorank_jax.step import normalise_images
+  mesh = parallel.make_mesh()
+  objective = Objective(alip=True)
+  state, history, _ = _run(mesh, objective, tx=optax.sgd(0.0), students="none", rank_order=0)
+  # Step 1's terms: the gated InfoNCE of each path, from the initial momenta.
+  model, host = tiny_model(dtype=jnp.float32, students="none", rank_order=0), _batch()
+  variables = {"params": state.params}
+  out = model.apply(variables, normalise_images(jnp.asarray(host["image"])), host["tokens"])
+  caption = model.apply(variables, host["syn_tokens"], method=DinoRankCLIP.embed_texts)["text"]
+  weights, _, _ = consistency_gates(out["image"], out["text"], caption, jnp.ones(3))
+  for term, text, w in (("clip", out["text"], weights["text"]),
+                        ("clip_caption", caption, weights["caption"])):
+    expected = clip_loss(out["image"], text, out["scale"], weights=w)[0]
+    np.testing.assert_allclose(history[0][term], expected, rtol=1e-5, err_msg=term)
+  for m in history:
+    expected = (m["clip"] + m["clip_caption"] + m["rank_weight"] * (m["rank_cross"] + m["rank_in"])
+                + 1e-4 * m["rank_gate_penalty"])
+    np.testing.assert_allclose(m["loss"], expected, rtol=1e-6)
+    assert 0.0 < float(m["alip_sample_weight"]) < 1.0
+  momenta = np.asarray(state.stats["alip_momenta"])
+  assert np.all(momenta < 1.0)                           # moved from 1 towards the batch means
+  np.testing.assert_allclose(history[-1]["alip_momentum_image_text"], momenta[1], rtol=1e-6)
+  # Synthetic captions equal to the raw ones: CLIP on each path, weights 1.
+  host = _batch()
+  host["syn_tokens"] = host["tokens"]
+  state, history, _ = _run(mesh, objective, tx=optax.sgd(0.1), host=host, students="none",
+                           rank_order=0)
+  _, plain, _ = _run(mesh, Objective(), tx=optax.sgd(0.1), host=host, students="none",
+                     rank_order=0)
+  for m, p in zip(history, plain):
+    assert float(m["alip_sample_weight"]) == 1.0 and float(m["alip_text_weight"]) == 1.0
+    np.testing.assert_allclose(m["clip_caption"], m["clip"], rtol=1e-6)
+  np.testing.assert_allclose(history[0]["clip"], plain[0]["clip"], rtol=1e-6)

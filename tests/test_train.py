@@ -26,7 +26,7 @@ from tests.tiny_config import CONFIGS, get_config as tiny_config
 ROOT = os.path.dirname(CONFIGS)
 CONFIG_ARGS = {"r0": [None], "r1": [None], "r2": [None], "r3": [None], "r4": [None],
                "r5": [None], "clip": [None], "rankclip": [None], "demo": [None],
-               "cyclip": [None, "demo"],
+               "cyclip": [None, "demo"], "alip": [None, "demo"],
                "table3b": ["clip", "rankclip", "high_order", "image_distill", "image_text",
                            "full"],
                "table4": [f"criterion_{c}" for c in CRITERIA]
@@ -207,3 +207,10 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   # over 6 steps; 1e-4 is far below what a missed cross-process reduction gives.
   for a, b in zip(_saved_params(single, 6), _saved_params(multi, 6)):
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
+
+
+def test_alip_refuses_records_without_synthetic_captions():
+  config = runpy.run_path(os.path.join(CONFIGS, "alip.py"))["get_config"]("/data/cc3m")
+  with pytest.raises(train.ConfigError, match=r"^config.objective.alip needs synthetic captions, "
+                     r"and config.data.path=/data/cc3m has none: rebuild it with a syn_caption"):
+    train._check(config, {"counts": {"written": 10, "syn_caption": 0}, "teacher": None})

@@ -9,7 +9,13 @@ a header naming an image-path column (`--image_column`, default `image`;
 relative paths are read from the table's folder) and a caption column
 (`--caption_column`, default `caption`), one optional `key` column; and
 `webdataset`, tar shards as img2dataset writes them (`{key}.jpg` +
-`{key}.txt`). Every image is decoded, converted to RGB, downscaled to a short
+`{key}.txt`).
+
+Synthetic captions (for the ALIP baseline, `configs/alip.py`) come from a
+table's `--syn_caption_column` (default `syn_caption`, used when the table
+has it) or a `{key}.syn.txt` member of a webdataset sample; producing them
+with a captioning model is the user's step (docs/data.md). A record gets
+`syn_caption` and `syn_tokens` where its synthetic caption is not empty. Every image is decoded, converted to RGB, downscaled to a short
 side of at most `--max_side` and re-encoded as JPEG. An unreadable image or
 an empty caption is skipped, counted and its key logged; the run ends with
 `written N, skipped M (corrupt K, empty caption L)`. Inputs are cut into
@@ -69,8 +75,7 @@ def synthetic_source(args):
 
 
 def _load_synthetic(seed, size, index):
-  key, image, caption, labels = synthetic.example(seed, index, size)
-  return key, image, caption, {"labels": labels}
+  return synthetic.example(seed, index, size)
 
 
 def table_source(args):
@@ -83,17 +88,19 @@ def table_source(args):
       raise ValueError(f"{args.input} has no column {column!r} (columns: {list(rows[0])}); "
                        "set --image_column / --caption_column")
   items = [(row.get("key") or f"{i:09d}", os.path.join(folder, row[args.image_column]),
-            row[args.caption_column]) for i, row in enumerate(rows)]
+            row[args.caption_column], row.get(args.syn_caption_column) or "")
+           for i, row in enumerate(rows)]
   return items, _load_file
 
 
 def _load_file(item):
-  key, path, caption = item
+  key, path, caption, syn_caption = item
   try:
     with open(path, "rb") as f:
-      return key, f.read(), caption, {}
+      image = f.read()
   except OSError:
-    return key, b"", caption, {}
+    image = b""
+  return key, image, caption, {"syn_caption": syn_caption}
 
 
 def webdataset_source(args):
@@ -122,7 +129,8 @@ def _webdataset_items(paths):
 
 def _webdataset_item(key, group):
   image = next((group[e] for e in ("jpg", "jpeg", "png", "webp") if e in group), b"")
-  return key, image, group.get("txt", b"").decode("utf-8", errors="replace"), {}
+  text = lambda ext: group.get(ext, b"").decode("utf-8", errors="replace")
+  return key, image, text("txt"), {"syn_caption": text("syn.txt")}
 
 
 def _identity(item):
@@ -134,14 +142,19 @@ SOURCES = {"synthetic": synthetic_source, "tsv": table_source, "csv": table_sour
 
 
 def _shard_records(items, load, max_side):
-  """Records of one shard (without tokens) and its skip statistics."""
-  out, stats = [], {"corrupt": 0, "empty_caption": 0, "skipped_keys": []}
+  """Records of one shard (without tokens) and its statistics: skips, and
+  how many records carry a synthetic caption."""
+  out, stats = [], {"corrupt": 0, "empty_caption": 0, "syn_caption": 0, "skipped_keys": []}
   for item in items:
     key, image, caption, extra = load(item)
     try:
       caption = " ".join(caption.split())
       if not caption:
         raise Skip("empty_caption")
+      syn_caption = " ".join(extra.pop("syn_caption", "").split())
+      if syn_caption:
+        extra["syn_caption"] = syn_caption
+        stats["syn_caption"] += 1
       out.append({"key": key, "jpeg": reencode(image, max_side), "caption": caption, **extra})
     except Skip as skip:
       stats[skip.reason] += 1
@@ -153,9 +166,14 @@ def _shard_records(items, load, max_side):
 def _build_shard(directory, index, items, load, max_side, tokenizer_dir):
   recs, stats = _shard_records(items, load, max_side)
   if recs:
-    tokens = TextTokenizer(tokenizer_dir)([r["caption"] for r in recs], CONTEXT_LENGTH)
-    for r, t in zip(recs, tokens):
+    tokenizer = TextTokenizer(tokenizer_dir)
+    for r, t in zip(recs, tokenizer([r["caption"] for r in recs], CONTEXT_LENGTH)):
       r["tokens"] = t
+    described = [r for r in recs if "syn_caption" in r]
+    if described:
+      for r, t in zip(described, tokenizer([r["syn_caption"] for r in described],
+                                           CONTEXT_LENGTH)):
+        r["syn_tokens"] = t
   return records.write_shard(directory, index, recs, stats)
 
 
@@ -175,14 +193,15 @@ def build(args) -> dict:
                for index, chunk in enumerate(chunks)]
     sidecars = [f if isinstance(f, dict) else f.result()
                 for f in tqdm(futures, desc=f"building {args.out}", unit="shard")]
-  counts = {k: sum(s[k] for s in sidecars) for k in ("count", "corrupt", "empty_caption")}
+  counts = {k: sum(s.get(k, 0) for s in sidecars)
+            for k in ("count", "corrupt", "empty_caption", "syn_caption")}
   meta = {
       "schema_version": records.SCHEMA_VERSION, "source": args.source,
       "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
       "eot_id": tokenizer.eot_id, "context_length": CONTEXT_LENGTH,
       "image_max_side": args.max_side, "teacher": None,
       "counts": {"written": counts["count"], "corrupt": counts["corrupt"],
-                 "empty_caption": counts["empty_caption"]},
+                 "empty_caption": counts["empty_caption"], "syn_caption": counts["syn_caption"]},
       "shards": [{"file": s["file"], "count": s["count"]} for s in sidecars],
   }
   if args.source == "synthetic":
@@ -190,7 +209,8 @@ def build(args) -> dict:
   records.write_json(os.path.join(args.out, records.METADATA), meta)
   skipped = counts["corrupt"] + counts["empty_caption"]
   print(f"written {counts['count']}, skipped {skipped} (corrupt {counts['corrupt']}, "
-        f"empty caption {counts['empty_caption']})")
+        f"empty caption {counts['empty_caption']}); {counts['syn_caption']} with a synthetic "
+        "caption")
   return meta
 
 
@@ -201,6 +221,8 @@ def parser():
   p.add_argument("--input", help="table file (tsv/csv) or tar glob (webdataset)")
   p.add_argument("--image_column", default="image")
   p.add_argument("--caption_column", default="caption")
+  p.add_argument("--syn_caption_column", default="syn_caption",
+                 help="synthetic-caption column (ALIP), used when the table has it")
   p.add_argument("--num", type=int, default=20000, help="synthetic: number of pairs")
   p.add_argument("--seed", type=int, default=0, help="synthetic: corpus seed (one per split)")
   p.add_argument("--image_size", type=int, default=96, help="synthetic: image side")

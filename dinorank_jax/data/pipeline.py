@@ -96,13 +96,15 @@ class Decode(grain.transforms.Map):
   With `augment`, the random resized crop and flip are drawn from
   `(seed, position)`: the same record at the same place of the global stream
   gets the same augmentation however many processes read it. Without, the
-  example is the centre square, unflipped (evaluation).
+  example is the centre square, unflipped (evaluation). With `syn_captions`,
+  the example carries the record's `syn_tokens` (ALIP); a record without
+  them is skipped.
   """
 
   def __init__(self, image_size: int, seed: int = 0, crop_scale=(0.5, 1.0),
-               augment: bool = True):
+               augment: bool = True, syn_captions: bool = False):
     self.image_size, self.seed, self.crop_scale = image_size, seed, crop_scale
-    self.augment = augment
+    self.augment, self.syn_captions = augment, syn_captions
 
   def map(self, element):
     position, data = element
@@ -127,6 +129,8 @@ class Decode(grain.transforms.Map):
                  "tokens": np.asarray(record["tokens"], np.int32),
                  "crop": np.asarray([x0 / width, y0 / height, w / width, h / height], np.float32),
                  "flip": np.asarray(flip)}
+      if self.syn_captions:
+        example["syn_tokens"] = np.asarray(record["syn_tokens"], np.int32)
       if "teacher_patches" in record:
         example.update(
             teacher_patches=record["teacher_patches"],
@@ -216,8 +220,8 @@ class ProcessBlocks(grain.MapDataset):
 def make_dataset(directory: str, *, batch_size: int, image_size: int, seed: int,
                  shard_index: int = 0, shard_count: int = 1, shuffle: bool = True,
                  num_epochs: int | None = None, num_records: int | None = None,
-                 threads: int = 2, worker_count: int = 0,
-                 crop_scale=(0.5, 1.0)) -> grain.IterDataset:
+                 threads: int = 2, worker_count: int = 0, crop_scale=(0.5, 1.0),
+                 syn_captions: bool = False) -> grain.IterDataset:
   """The training stream over the dataset at `directory`; `iter()` of it is
   a checkpointable iterator (`get_state()` / `set_state()`).
 
@@ -234,6 +238,7 @@ def make_dataset(directory: str, *, batch_size: int, image_size: int, seed: int,
     num_records: train on the first `num_records` records only (subsets).
     threads: decoding threads (PIL releases the GIL while decoding).
     worker_count: worker processes on top of the threads (0: none).
+    syn_captions: batches carry `syn_tokens` (ALIP); records without are skipped.
   """
   if worker_count and not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()   # Grain's workers read absl flags; argparse programs parse none
@@ -247,7 +252,7 @@ def make_dataset(directory: str, *, batch_size: int, image_size: int, seed: int,
   if shuffle:
     ds = ds.shuffle()
   ds = ProcessBlocks(ds.repeat(num_epochs), batch_size, shard_index, shard_count)
-  ds = ds.map(Decode(image_size, seed, crop_scale))
+  ds = ds.map(Decode(image_size, seed, crop_scale, syn_captions=syn_captions))
   stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                 prefetch_buffer_size=4 * batch_size))
   stream = CountSkips(stream, directory).batch(batch_size, drop_remainder=True)

@@ -8,6 +8,8 @@ it (no TensorFlow). Fields:
     jpeg                  bytes, short side ≤ the builder's bound
     caption               str
     tokens                int32 [77]
+    syn_caption           str, optional: a synthetic caption (ALIP's second path)
+    syn_tokens            int32 [77], with syn_caption
     teacher_cls           float16 [C]        image teacher class token
     teacher_patches       float16 [h, w, 256] PCA-reduced patch grid (whole image)
     teacher_text_tokens   float16 [T, c]

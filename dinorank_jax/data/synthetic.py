@@ -3,7 +3,9 @@
 Each scene has 1-3 objects on a plain background; an object has a shape,
 colour, size, texture and position on a 3 × 3 grid, and the first object is
 the main one (drawn large). Captions come from several templates that name
-the objects compositionally. Everything is a function of `(seed, index)`,
+the objects compositionally; each scene also has a second, "synthetic"
+caption in one fixed template of its own (`synthetic_caption`), standing in
+for a captioning model's output in ALIP's bi-path training. Everything is a function of `(seed, index)`,
 so a corpus is reproducible and any part of it can be rebuilt alone.
 
 Zero-shot tasks label the main object: `colour` (8 classes), `shape` (5) and
@@ -57,6 +59,14 @@ def caption(objects, background, template):
   rest = objects[1:]
   tail = f", next to {_listing(rest)}" if rest else ""
   return f"a {_phrase(main)} in the {main['position']}{tail}"
+
+
+def synthetic_caption(objects, background):
+  """The scene as a captioner would describe it: every object with its place,
+  in a template none of `caption`'s uses."""
+  placed = [f"a {_phrase(o)} in the {o['position']}" for o in objects]
+  listing = placed[0] if len(placed) == 1 else ", ".join(placed[:-1]) + " and " + placed[-1]
+  return f"there is {listing} against a {background} background"
 
 
 def _polygon(shape, cx, cy, r):
@@ -123,7 +133,8 @@ def render(spec: dict, size: int = 96) -> bytes:
 
 
 def example(seed: int, index: int, size: int = 96) -> tuple[str, bytes, str, dict]:
-  """`(key, image bytes, caption, labels)` of scene `index`."""
+  """`(key, image bytes, caption, extra)` of scene `index`; `extra` holds the
+  zero-shot `labels` and the `syn_caption`."""
   spec = scene(seed, index)
   main = spec["objects"][0]
   labels = {"colour": TASKS["colour"].index(main["colour"]),
@@ -131,4 +142,5 @@ def example(seed: int, index: int, size: int = 96) -> tuple[str, bytes, str, dic
             "colour_shape_texture": TASKS["colour_shape_texture"].index(
                 f"{main['colour']} {main['shape']} {main['texture']}")}
   text = caption(spec["objects"], spec["background"], spec["template"])
-  return f"syn-{seed}-{index:07d}", render(spec, size), text, labels
+  extra = {"labels": labels, "syn_caption": synthetic_caption(spec["objects"], spec["background"])}
+  return f"syn-{seed}-{index:07d}", render(spec, size), text, extra

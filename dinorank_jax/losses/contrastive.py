@@ -18,7 +18,8 @@ def infonce_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def clip_loss(u: jax.Array, v: jax.Array, scale: jax.Array, *,
-              axis_name: str | None = None) -> tuple[jax.Array, dict]:
+              axis_name: str | None = None,
+              weights: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """`½ [CE(S, diag) + CE(Sᵀ, diag)]`, `S = τ U Vᵀ`, mean over global rows.
 
   Args:
@@ -26,6 +27,9 @@ def clip_loss(u: jax.Array, v: jax.Array, scale: jax.Array, *,
     v: L2-normalised text embeddings, local rows `[n, D]`.
     scale: the logit scale `τ = exp(t)`, a scalar.
     axis_name: mesh axis the rows are sharded over (None: unsharded).
+    weights: per-pair weights of the local rows `[n]` (ALIP's adaptive
+      loss): pair i's two cross-entropy terms are scaled by `weights[i]`
+      before the mean. None: all 1.
   Returns:
     `(loss, metrics)`: the float32 loss, identical on every shard, and the
     global image->text / text->image top-1 accuracies.
@@ -39,7 +43,8 @@ def clip_loss(u: jax.Array, v: jax.Array, scale: jax.Array, *,
     logits = scale * queries @ items.T                       # [n, N]
     per_row.append(infonce_nll(logits, rows))
     correct.append((jnp.argmax(logits, axis=1) == rows).astype(jnp.float32))
-  loss = global_mean(0.5 * (per_row[0] + per_row[1]), axis_name)
+  per_pair = 0.5 * (per_row[0] + per_row[1])
+  loss = global_mean(per_pair if weights is None else weights * per_pair, axis_name)
   metrics = {
       "i2t_top1": global_mean(correct[0], axis_name),
       "t2i_top1": global_mean(correct[1], axis_name),
