@@ -80,6 +80,36 @@ def pipeline_loop(directory, image_size, batch_size, threads, workers) -> float:
   return count / (time.perf_counter() - start)
 
 
+def run(*, num_records=2048, stored_side=256, image_size=224, batch_size=64,
+        settings=((1, 0), (2, 0), (2, 2)), rounds=3) -> list[dict]:
+  """Median samples/s of the bare loop and of each `(threads, workers)`
+  pipeline setting, alternating for `rounds`; one row each."""
+  with tempfile.TemporaryDirectory() as directory:
+    write_dataset(directory, num_records, stored_side)
+    for path in records.shard_paths(directory):
+      records.read_shard(path)                     # warm the page cache
+    rates = {"bare": []} | {s: [] for s in settings}
+    for _ in range(rounds):
+      rates["bare"].append(bare_loop(directory, image_size))
+      for s in settings:
+        rates[s].append(pipeline_loop(directory, image_size, batch_size, *s))
+  bare = statistics.median(rates["bare"])
+  table = [{"loop": "bare decode + crop, 1 thread", "samples_s": bare, "of_bare": 1.0}]
+  for threads, workers in settings:
+    rate = statistics.median(rates[(threads, workers)])
+    table.append({"loop": f"pipeline, {threads} threads, {workers} workers", "samples_s": rate,
+                  "of_bare": rate / bare, "met": rate >= 0.8 * bare})
+  return table
+
+
+def format_table(table, title) -> str:
+  lines = [title, f"{'loop':<34}{'samples/s':>10}{'of bare':>9}"]
+  for r in table:
+    verdict = "" if "met" not in r else f"  [{'met' if r['met'] else 'MISSED'}] target >= 0.80"
+    lines.append(f"{r['loop']:<34}{r['samples_s']:>10.0f}{r['of_bare']:>9.2f}{verdict}")
+  return "\n".join(lines)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--records", type=int, default=2048)
@@ -91,26 +121,12 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=3)
   args = p.parse_args(argv)
   settings = [tuple(int(n) for n in s.split("x")) for s in args.settings.split(",")]
-  with tempfile.TemporaryDirectory() as directory:
-    write_dataset(directory, args.records, args.stored_side)
-    for path in records.shard_paths(directory):
-      records.read_shard(path)                     # warm the page cache
-    rates = {"bare": []} | {s: [] for s in settings}
-    for _ in range(args.rounds):
-      rates["bare"].append(bare_loop(directory, args.image_size))
-      for s in settings:
-        rates[s].append(pipeline_loop(directory, args.image_size, args.batch_size, *s))
-    bare = statistics.median(rates["bare"])
-    print(f"{os.cpu_count()} CPU cores, {args.records} records stored at "
-          f"{args.stored_side} px, crops to {args.image_size} px; median of "
-          f"{args.rounds} alternating rounds")
-    print(f"{'loop':<34}{'samples/s':>10}{'of bare':>9}")
-    print(f"{'bare decode + crop, 1 thread':<34}{bare:>10.0f}{1:>9.2f}")
-    for threads, workers in settings:
-      rate = statistics.median(rates[(threads, workers)])
-      verdict = "met" if rate >= 0.8 * bare else "MISSED"
-      print(f"{f'pipeline, {threads} threads, {workers} workers':<34}{rate:>10.0f}"
-            f"{rate / bare:>9.2f}  [{verdict}] target >= 0.80")
+  table = run(num_records=args.records, stored_side=args.stored_side,
+              image_size=args.image_size, batch_size=args.batch_size, settings=settings,
+              rounds=args.rounds)
+  print(format_table(table, f"{os.cpu_count()} CPU cores, {args.records} records stored at "
+                            f"{args.stored_side} px, crops to {args.image_size} px; median "
+                            f"of {args.rounds} alternating rounds"))
 
 
 if __name__ == "__main__":

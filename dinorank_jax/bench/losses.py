@@ -27,6 +27,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dinorank_jax.losses.contrastive import infonce_nll
 from dinorank_jax.losses.plackett_luce import reference_order
@@ -128,6 +129,50 @@ def run(sizes, *, memory_size=(512, 4096), exact_limit=2 ** 26, repeats=5, chunk
       targets.append({"target": f"{num} < {bound}x {den} at rows={rows}, M={m}",
                       "measured": f"{ratio:.2f}x", "met": ratio < bound})
   return table, targets
+
+
+def fitted_exponent(xs, ys) -> float:
+  """The least-squares slope of log y on log x: y ∝ x^slope."""
+  x, y = np.log(np.asarray(xs, float)), np.log(np.asarray(ys, float))
+  return float(np.polyfit(x, y, 1)[0])
+
+
+def scaling(*, rows=32, lengths=(128, 256, 512, 1024), memory_lengths=(2048, 4096),
+            row_counts=(16, 32, 64, 128), length=256, chunk_size=16, repeats=3) -> dict:
+  """The exact order-3 loss as the list grows: time and temporaries against
+  `M` at fixed `rows` (memory alone at `memory_lengths` too), and against
+  `rows` at fixed `length`, each with the fitted exponent. Target: memory
+  linear in M (exponent ≤ 1.1)."""
+  exact = functools.partial(measure, "order 3 exact", 3, None, chunk_size=chunk_size,
+                            repeats=repeats)
+  by_m = [exact(rows, m) for m in lengths] + [exact(rows, m, time_it=False)
+                                              for m in memory_lengths]
+  by_rows = [exact(n, length) for n in row_counts]
+  timed = [r for r in by_m if r["ms"] is not None]
+  result = {
+      "by_M": by_m, "by_rows": by_rows,
+      "time_exponent_M": fitted_exponent([r["M"] for r in timed], [r["ms"] for r in timed]),
+      "memory_exponent_M": fitted_exponent([r["M"] for r in by_m], [r["temp_gib"] for r in by_m]),
+      "time_exponent_rows": fitted_exponent(row_counts, [r["ms"] for r in by_rows]),
+      "memory_exponent_rows": fitted_exponent(row_counts, [r["temp_gib"] for r in by_rows]),
+  }
+  result["met"] = result["memory_exponent_M"] <= 1.1
+  return result
+
+
+def format_scaling(result) -> str:
+  lines = ["exact order-3 loss (fwd+bwd) as the list grows",
+           f"{'rows':>6}{'M':>7}{'ms':>10}{'temp MiB':>10}"]
+  for r in result["by_M"] + result["by_rows"]:
+    ms = "-" if r["ms"] is None else f"{r['ms']:.2f}"
+    lines.append(f"{r['rows']:>6}{r['M']:>7}{ms:>10}{r['temp_gib'] * 1024:>10.1f}")
+  lines.append(f"fitted exponents: time ~ M^{result['time_exponent_M']:.2f}, "
+               f"memory ~ M^{result['memory_exponent_M']:.2f}, "
+               f"time ~ rows^{result['time_exponent_rows']:.2f}, "
+               f"memory ~ rows^{result['memory_exponent_rows']:.2f}")
+  lines.append(f"[{'met' if result['met'] else 'MISSED'}] memory linear in M "
+               f"(exponent <= 1.1): {result['memory_exponent_M']:.2f}")
+  return "\n".join(lines)
 
 
 def format_table(table, targets) -> str:

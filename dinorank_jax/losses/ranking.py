@@ -144,9 +144,9 @@ class HighOrderPL(nn.Module):
                               (r - 1, self.head_dim), self.param_dtype)
         layer = self.param(f"layer_{r}", init_history_layer, self.head_dim,
                            self.param_dtype)
-        encoders.append(functools.partial(
-            _sequence_summary, dense(name=f"history_{r}")(items), position, layer,
-            self.history_heads))
+        tables = _history_tables(dense(name=f"history_{r}")(items), position, layer)
+        encoders.append(functools.partial(_sequence_summary, tables, layer,
+                                          self.history_heads))
     keys = jnp.concatenate(keys, axis=-1)
     scale = self.head_dim ** -0.5
 
@@ -195,9 +195,26 @@ def _pair_summary(older, recent, history):
   return a + b + a * b
 
 
-def _sequence_summary(table, position, layer, num_heads, history):
-  tokens = jnp.take(table, history, axis=0) + position.astype(table.dtype)
-  return history_layer(layer, tokens, num_heads)
+def _history_tables(table, position, p):
+  """What the history layer computes of each token alone, per item and slot.
+
+  A history token is `x = W_h e_j + p_s` (item j at slot s); its layer norm
+  and key/value projections (and, at the last slot, its query) depend on
+  `(j, s)` alone, so they are computed once for the `M × (r − 1)` pairs, not
+  for each of the `rows × positions` histories that gather them.
+  """
+  x = table[:, None, :] + position.astype(table.dtype)                 # [M, L, d]
+  y = _layer_norm(x, p["ln1_scale"], p["ln1_bias"])
+  return {"x": x[:, -1], "query": y[:, -1] @ p["query"], "key": y @ p["key"],
+          "value": y @ p["value"]}
+
+
+def _sequence_summary(tables, layer, num_heads, history):
+  last, slots = history[..., -1], jnp.arange(history.shape[-1])
+  return history_layer(layer, jnp.take(tables["x"], last, axis=0),
+                       jnp.take(tables["query"], last, axis=0),
+                       tables["key"][history, slots], tables["value"][history, slots],
+                       num_heads)
 
 
 def init_history_layer(key, width: int, dtype=jnp.float32) -> dict:
@@ -214,16 +231,21 @@ def init_history_layer(key, width: int, dtype=jnp.float32) -> dict:
   return params
 
 
-def history_layer(p: dict, x: jax.Array, num_heads: int) -> jax.Array:
-  """Pre-LN transformer layer over `x` `[..., L, d]`; the last token `[..., d]`."""
+def history_layer(p: dict, x: jax.Array, query: jax.Array, key: jax.Array, value: jax.Array,
+                  num_heads: int) -> jax.Array:
+  """Pre-LN transformer layer over a history, read out at its last token.
+
+  Takes the last token `x` `[..., d]`, its query and every token's key and
+  value `[..., L, d]` (projections of the layer-normed tokens, see
+  `_history_tables`); returns the last token's output `[..., d]`.
+  """
   d = x.shape[-1]
-  y = _layer_norm(x, p["ln1_scale"], p["ln1_bias"])
   split = lambda t: t.reshape(*t.shape[:-1], num_heads, d // num_heads)
-  q = split(y[..., -1, :] @ p["query"])                       # [..., h, d/h]
-  k, v = split(y @ p["key"]), split(y @ p["value"])           # [..., L, h, d/h]
+  q = split(query)                                            # [..., h, d/h]
+  k, v = split(key), split(value)                             # [..., L, h, d/h]
   logits = jnp.einsum("...hd,...lhd->...hl", q, k) * (d // num_heads) ** -0.5
   attended = jnp.einsum("...hl,...lhd->...hd", jax.nn.softmax(logits, axis=-1), v)
-  out = x[..., -1, :] + attended.reshape(*attended.shape[:-2], d) @ p["out"]
+  out = x + attended.reshape(*attended.shape[:-2], d) @ p["out"]
   y = _layer_norm(out, p["ln2_scale"], p["ln2_bias"])
   hidden = jax.nn.gelu(y @ p["mlp_in"] + p["mlp_in_bias"])
   return out + hidden @ p["mlp_out"] + p["mlp_out_bias"]

@@ -1,0 +1,83 @@
+"""The benchmark command: analytic FLOPs against XLA's count, every suite
+runs and reports, the profiler trace is written."""
+
+import glob
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dinorank_jax.bench import __main__ as bench
+from dinorank_jax.bench import data, flops, losses, step
+from dinorank_jax.models import DinoRankCLIP
+
+PAPER = dict(embed_dim=512, image_trunk="B/32", text_trunk="B", image_student="Ti/16",
+             text_student="Ti", fusion_mode="full", rank_order=3, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("students,image_size", [("both", 224), ("none", 224), ("both", 64)])
+def test_analytic_forward_flops_match_xla(students, image_size):
+  model = DinoRankCLIP(**PAPER, students=students)
+  images = jax.ShapeDtypeStruct((4, image_size, image_size, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((4, 77), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
+  xla = jax.jit(model.apply).lower(params, images, tokens).cost_analysis()["flops"] / 4
+  ours = sum(flops.forward(model, image_size).values())
+  # XLA also counts norms, activations and softmax; the matmuls are the rest.
+  assert 0.97 * xla < ours <= xla, (ours, xla)
+
+
+def test_train_step_flops_are_three_forwards_plus_similarities():
+  model = DinoRankCLIP(**PAPER, students="both")
+  parts = flops.train_step(model, 224, 4096)
+  forward = sum(flops.forward(model, 224).values())
+  assert parts["total"] == 3 * 4096 * forward + parts["similarities"]
+  assert parts["similarities"] == 3 * 4 * 2 * 4096 ** 2 * 512
+  assert 200e12 < parts["total"] < 250e12            # ≈ 18.2 GFLOP × 3 × 4096
+
+
+def test_bench_command_runs_every_step_suite_and_writes_a_trace(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  bench.main(["--suite", "step,mfu", "--orders", "0,3", "--rows", "4", "--rounds", "1",
+              "--repeats", "1", "--peak_tflops", "2.0", "--profile", str(tmp_path / "trace"),
+              "--json", str(out)])
+  printed = capsys.readouterr().out
+  assert "step cost by order" in printed and "model FLOPs utilisation" in printed
+  results = json.loads(out.read_text())
+  orders = {r["model"]: r for r in results["step"]}
+  assert orders["order 0"]["ratio"] == 1.0
+  assert orders["order 3"]["paper_ratio"] == pytest.approx(379 / 301)
+  assert orders["order 3"]["met"] == (orders["order 3"]["ratio"] <= 379 / 301)
+  for row in results["mfu"]:
+    assert row["ms"] > 0 and row["mfu"] == pytest.approx(row["tflops"] / (2.0 * 8))
+  assert [r["model"] for r in results["mfu"]] == ["CLIP", "order 3"]
+  assert results["mfu"][0]["tflop_per_step"] < results["mfu"][1]["tflop_per_step"]
+  for pattern in ("*.xplane.pb", "perfetto_trace.json.gz"):
+    assert glob.glob(str(tmp_path / "trace" / "**" / pattern), recursive=True), pattern
+
+
+def test_rank_scaling_and_data_suites_report():
+  result = losses.scaling(rows=8, lengths=(64, 128, 256), memory_lengths=(512,),
+                          row_counts=(8, 16), length=64, repeats=1)
+  assert 0.8 < result["memory_exponent_M"] <= 1.1 and result["met"]
+  assert result["time_exponent_M"] > 0.5
+  table = data.run(num_records=32, stored_side=64, image_size=32, batch_size=8,
+                   settings=((1, 0),), rounds=1)
+  assert table[0]["of_bare"] == 1.0 and table[1]["samples_s"] > 0
+
+
+def test_gpu_shape_on_a_cpu_backend_names_the_fix():
+  with pytest.raises(SystemExit, match="--device gpu, but JAX's backend is cpu"):
+    bench.main(["--suite", "step", "--device", "gpu"])
+  with pytest.raises(SystemExit):
+    bench.parse(["--suite", "speed"])
+
+
+def test_order_ratios_are_to_order_0_and_judged_against_the_paper():
+  table = [{"model": "order 0", "ms": 100.0}, {"model": "order 3", "ms": 130.0},
+           {"model": "order 5", "ms": 140.0}]
+  rows = {r["model"]: r for r in step.add_order_ratios(table)}
+  assert rows["order 3"]["ratio"] == 1.3 and not rows["order 3"]["met"]     # paper: 1.26
+  assert rows["order 5"]["ratio"] == 1.4 and rows["order 5"]["met"]         # paper: 1.48
+  assert "ratio" not in table[1]                                            # a copy
