@@ -114,7 +114,7 @@ def _local_losses(objective, model, params, out, batch, scale, key, active, stat
   if "text_student" in out:
     s = out["text_student"]
     pool = functools.partial(masked_adaptive_avg_pool, num_segments=objective.text_slots)
-    student = {**s, "tokens": pool(s["tokens"], s["mask"])}
+    student = {**s, **{k: pool(s[k], s["mask"]) for k in ("tokens", "tokens_proj") if k in s}}
     teacher = {"tokens": pool(batch["teacher_text_tokens"], batch["teacher_text_mask"]),
                "cls": batch["teacher_text_pooled"]}
     terms["distill_text"], m = distill(student, teacher, key=jax.random.fold_in(text_key, shard))

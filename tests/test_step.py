@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from dinorank_jax import optim, parallel
+from dinorank_jax.losses.distill import PROJECTED
 from dinorank_jax.step import Objective, init_state, make_train_step
 from tests.model_sizes import IMAGE, tiny_model, tokens
 
@@ -182,3 +184,11 @@ def test_alip_objective_trains_both_paths_and_carries_its_momenta():
     assert float(m["alip_sample_weight"]) == 1.0 and float(m["alip_text_weight"]) == 1.0
     np.testing.assert_allclose(m["clip_caption"], m["clip"], rtol=1e-6)
   np.testing.assert_allclose(history[0]["clip"], plain[0]["clip"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("criterion", PROJECTED)
+def test_projected_distillation_criteria_train(criterion):
+  # The text student's projected tokens are pooled to the teacher's slots like its tokens.
+  _, history, _ = _run(parallel.make_mesh(), Objective(criterion=criterion), steps=1,
+                       image_teacher_dims=(8, 10), text_teacher_dims=(6, 6))
+  assert np.isfinite(float(history[0]["loss"])) and float(history[0]["distill_text"]) > 0

@@ -1,0 +1,179 @@
+"""Inference export of a trained run, and the loader evaluation tools use.
+
+    python -m dinorank_jax.export --workdir runs/r3 --out exports/r3 [--step N] [--data DIR]
+
+writes `DIR/params` (an orbax checkpoint of the parameters that embed:
+trunks, students, fusion and the logit scale; no optimiser state, no rank
+heads, no teacher projections) and `DIR/model_config.json` (the model's
+constructor arguments, the input side, the tokenizer reference and where the
+parameters came from). The model's vocabulary and teacher widths are read
+from the run's dataset metadata (`config.data.path`, or `--data`).
+
+    import dinorank_jax
+    model = dinorank_jax.load("exports/r3")
+    u = model.encode_image(images)       # uint8 [N, H, W, 3], or float in [0, 1]
+    v = model.encode_text(["a photo of a dog", ...])
+
+returns the normalised fused embeddings as float32 NumPy arrays `[N, D]`,
+computed in fixed-size jitted batches (the last one padded).
+"""
+
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dinorank_jax.data import records
+from dinorank_jax.data.tokenizer import CLIP_BPE_ID, CONTEXT_LENGTH, TextTokenizer
+from dinorank_jax.models import DinoRankCLIP
+from dinorank_jax.step import normalise_images
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "model_config.json"
+# The constructor arguments an exported model keeps (rank heads and teacher
+# projections are training-only).
+MODEL_FIELDS = ("embed_dim", "image_trunk", "text_trunk", "image_student", "text_student",
+                "students", "fusion_mode", "vocab_size", "eot_id", "dtype")
+
+
+def _on_one_device(tree):
+  """A restore target: the shapes and dtypes of `tree` on the default device."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+
+def trained_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """The parameters saved at `step` (default: the latest) of a run, on one device."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise SystemExit(f"error: no checkpoint {'' if step is None else step} in {directory}: "
+                     "train the run first, or pass --step with one of "
+                     f"{sorted(manager.all_steps())}")
+  path = os.path.join(directory, str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  state = checkpointer.restore(path, _on_one_device(checkpointer.metadata(path).item_metadata))
+  return state["params"], step
+
+
+def export(workdir: str, out: str, *, step: int | None = None, data: str | None = None) -> dict:
+  """Writes the inference export of `workdir` to `out`; returns its config."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  data = data or config.data.path
+  try:
+    meta = records.read_metadata(data)
+  except FileNotFoundError:
+    raise SystemExit(f"error: the run's dataset {data!r} has no {records.METADATA}: pass "
+                     "--data with the records it trained on (for the vocabulary)") from None
+  params, step = trained_params(workdir, step)
+  model_config = {
+      "format_version": FORMAT_VERSION,
+      "model": {**{k: config.model[k] for k in MODEL_FIELDS if k in config.model},
+                "vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"]},
+      "image_size": config.data.image_size,
+      "tokenizer": meta["tokenizer"],
+      "context_length": CONTEXT_LENGTH,
+      "source": {"workdir": os.path.abspath(workdir), "step": step,
+                 "teacher": meta.get("teacher")},
+  }
+  model = _model(model_config)
+  keep = jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs(model_config))["params"]
+  params = {k: params[k] for k in keep}
+  os.makedirs(out, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(os.path.abspath(out), "params"), params, force=True)
+  checkpointer.wait_until_finished()
+  records.write_json(os.path.join(out, CONFIG_FILE), model_config)
+  return model_config
+
+
+def _model(model_config: dict) -> DinoRankCLIP:
+  m = dict(model_config["model"])
+  return DinoRankCLIP(**{**m, "dtype": jnp.dtype(m["dtype"])}, rank_order=0)
+
+
+def _dummy_inputs(model_config: dict):
+  side = model_config["image_size"]
+  return (jnp.zeros((1, side, side, 3), jnp.float32),
+          jnp.zeros((1, model_config["context_length"]), jnp.int32))
+
+
+class ExportedModel:
+  """An exported DinoRankCLIP: `encode_image`, `encode_text`, `logit_scale`."""
+
+  def __init__(self, model: DinoRankCLIP, params: dict, model_config: dict,
+               batch_size: int = 256):
+    self.model, self.params, self.config = model, params, model_config
+    self.image_size, self.batch_size = model_config["image_size"], batch_size
+    name = model_config["tokenizer"]
+    self.tokenizer = TextTokenizer(None if name == CLIP_BPE_ID else name)
+    self.logit_scale = float(jnp.exp(params["logit_scale"]))
+    self._images = jax.jit(lambda p, x: model.apply(
+        {"params": p}, normalise_images(x), method=DinoRankCLIP.embed_images)["image"])
+    self._texts = jax.jit(lambda p, t: model.apply(
+        {"params": p}, t, method=DinoRankCLIP.embed_texts)["text"])
+
+  def _batched(self, fn, x: np.ndarray) -> np.ndarray:
+    out = []
+    for start in range(0, len(x), self.batch_size):
+      chunk = x[start:start + self.batch_size]
+      pad = self.batch_size - len(chunk)
+      padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
+      out.append(np.asarray(fn(self.params, padded))[:len(chunk)])
+    return np.concatenate(out).astype(np.float32)
+
+  def encode_image(self, images) -> np.ndarray:
+    """uint8 `[N, H, W, 3]` (or float in [0, 1]) -> `[N, D]` unit rows.
+
+    Images of another square side are resized to the export's (bilinear,
+    antialiased), as the trainer's decoder resizes its crops.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+      raise ValueError(f"encode_image takes square RGB images [N, S, S, 3], got {images.shape}")
+    pixels = images.astype(np.float32) * (1.0 if images.dtype == np.uint8 else 255.0)
+    if images.shape[1] != self.image_size:
+      shape = (len(images), self.image_size, self.image_size, 3)
+      pixels = np.asarray(jax.image.resize(pixels, shape, "bilinear", antialias=True))
+    return self._batched(self._images, pixels)
+
+  def encode_text(self, texts: list[str]) -> np.ndarray:
+    """Strings -> `[N, D]` unit rows (tokenised as in training)."""
+    tokens = np.asarray(self.tokenizer(list(texts), self.config["context_length"]), np.int32)
+    return self._batched(self._texts, tokens)
+
+
+def load(directory: str, *, batch_size: int = 256) -> ExportedModel:
+  """The export at `directory` (written by `export`), on the default device."""
+  with open(os.path.join(directory, CONFIG_FILE)) as f:
+    model_config = json.load(f)
+  if model_config.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{directory}: export format {model_config.get('format_version')}, this "
+                     f"code reads {FORMAT_VERSION}; export the run again")
+  model = _model(model_config)
+  target = jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs(model_config))["params"]
+  params = ocp.StandardCheckpointer().restore(
+      os.path.join(os.path.abspath(directory), "params"), _on_one_device(target))
+  return ExportedModel(model, params, model_config, batch_size)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--workdir", required=True, help="the training run's directory")
+  p.add_argument("--out", required=True, help="export directory to write")
+  p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  p.add_argument("--data", help="the run's records (default: its config.data.path)")
+  args = p.parse_args(argv)
+  model_config = export(args.workdir, args.out, step=args.step, data=args.data)
+  print(f"exported step {model_config['source']['step']} of {args.workdir} to {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,62 @@
+"""The inference export: what it keeps, and that its embeddings equal the
+trained model's for the same inputs."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dinorank_jax
+from dinorank_jax import export, train
+from dinorank_jax.data import records
+from dinorank_jax.data.tokenizer import TextTokenizer
+from dinorank_jax.models import DinoRankCLIP
+from dinorank_jax.step import normalise_images
+from tests import tiny_corpus
+from tests.tiny_config import get_config as tiny_config
+
+CAPTIONS = ["a large red circle", "two shapes: a small blue square and a cross", "x",
+            "a picture of a large dotted green triangle on a pink background"] * 3
+
+
+def test_export_round_trip_equals_the_trained_model(tmp_path):
+  root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64, num_eval=32)
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
+  config = tiny_config(root)
+  config.epochs, config.data.eval_path = 2, ""          # 4 steps
+  config.objective.criterion = "mse"                     # students get teacher projections
+  train.train_and_evaluate(config, workdir)
+  export.main(["--workdir", workdir, "--out", out])
+
+  model_config = json.load(open(os.path.join(out, export.CONFIG_FILE)))
+  assert model_config["source"]["step"] == 4 and model_config["image_size"] == 32
+  loaded = dinorank_jax.load(out, batch_size=8)          # 12 inputs: a padded last batch
+  params, _ = export.trained_params(workdir)
+  # Trunks, students, fusion and logit scale; no rank heads, no teacher projections.
+  assert "image_projection" in params and "image_rank_head" in params
+  assert set(loaded.params) == set(params) - {"image_projection", "text_projection",
+                                              "image_rank_head", "text_rank_head"}
+
+  trained = train.build_model(config, records.read_metadata(config.data.path))
+  variables = {"params": params}
+  images = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+  expected = trained.apply(variables, normalise_images(jnp.asarray(images)),
+                           method=DinoRankCLIP.embed_images)["image"]
+  np.testing.assert_allclose(loaded.encode_image(images), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loaded.encode_image(images / 255.0), expected, rtol=1e-5, atol=1e-6)
+  tokens = jnp.asarray(TextTokenizer()(CAPTIONS, 77))
+  expected = trained.apply(variables, tokens, method=DinoRankCLIP.embed_texts)["text"]
+  text = loaded.encode_text(CAPTIONS)
+  np.testing.assert_allclose(text, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, rtol=1e-5)
+  assert loaded.logit_scale == pytest.approx(float(np.exp(params["logit_scale"])))
+  # Another side is resized to the export's.
+  assert loaded.encode_image(np.repeat(np.repeat(images, 2, 1), 2, 2)).shape == text.shape
+
+
+def test_export_without_a_checkpoint_names_the_fix(tmp_path):
+  (tmp_path / "run").mkdir()
+  with pytest.raises(SystemExit, match="no checkpoint"):
+    export.trained_params(str(tmp_path / "run"))
