@@ -81,7 +81,7 @@ def export(workdir: str, out: str, *, step: int | None = None, data: str | None 
       "tokenizer": meta["tokenizer"],
       "context_length": CONTEXT_LENGTH,
       "source": {"workdir": os.path.abspath(workdir), "step": step,
-                 "teacher": meta.get("teacher")},
+                 "rank_order": config.model.rank_order, "teacher": meta.get("teacher")},
   }
   model = _model(model_config)
   keep = jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs(model_config))["params"]
@@ -106,7 +106,9 @@ def _dummy_inputs(model_config: dict):
 
 
 class ExportedModel:
-  """An exported DinoRankCLIP: `encode_image`, `encode_text`, `logit_scale`."""
+  """An exported DinoRankCLIP: `encode_image`, `encode_text`, `logit_scale`, and
+  `image_student_tokens` (the image student's patch tokens, for distillation
+  fidelity) when `has_image_student`."""
 
   def __init__(self, model: DinoRankCLIP, params: dict, model_config: dict,
                batch_size: int = 256):
@@ -115,8 +117,12 @@ class ExportedModel:
     name = model_config["tokenizer"]
     self.tokenizer = TextTokenizer(None if name == CLIP_BPE_ID else name)
     self.logit_scale = float(jnp.exp(params["logit_scale"]))
+    self.has_image_student = model.students != "none"
     self._images = jax.jit(lambda p, x: model.apply(
         {"params": p}, normalise_images(x), method=DinoRankCLIP.embed_images)["image"])
+    self._student_tokens = jax.jit(lambda p, x: model.apply(
+        {"params": p}, normalise_images(x),
+        method=DinoRankCLIP.embed_images)["image_student"]["tokens"].astype(jnp.float32))
     self._texts = jax.jit(lambda p, t: model.apply(
         {"params": p}, t, method=DinoRankCLIP.embed_texts)["text"])
 
@@ -135,6 +141,15 @@ class ExportedModel:
     Images of another square side are resized to the export's (bilinear,
     antialiased), as the trainer's decoder resizes its crops.
     """
+    return self._batched(self._images, self._pixels(images))
+
+  def image_student_tokens(self, images) -> np.ndarray:
+    """Images as for `encode_image` -> the image student's patch tokens `[N, n, c]`."""
+    if not self.has_image_student:
+      raise ValueError("this model has no image student (students='none')")
+    return self._batched(self._student_tokens, self._pixels(images))
+
+  def _pixels(self, images) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
       raise ValueError(f"encode_image takes square RGB images [N, S, S, 3], got {images.shape}")
@@ -142,7 +157,7 @@ class ExportedModel:
     if images.shape[1] != self.image_size:
       shape = (len(images), self.image_size, self.image_size, 3)
       pixels = np.asarray(jax.image.resize(pixels, shape, "bilinear", antialias=True))
-    return self._batched(self._images, pixels)
+    return pixels
 
   def encode_text(self, texts: list[str]) -> np.ndarray:
     """Strings -> `[N, D]` unit rows (tokenised as in training)."""

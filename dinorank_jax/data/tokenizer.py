@@ -25,14 +25,19 @@ CLIP_WORDS = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}
 _NUM_MERGES = 49152 - 256 - 2
 
 
-def clip_bpe_path() -> str:
-  """The BPE merges file shipped in the open_clip_torch wheel (not imported)."""
+def open_clip_file(name: str) -> str:
+  """A data file shipped in the open_clip_torch wheel (the package is never imported)."""
   spec = importlib.util.find_spec("open_clip")
-  path = spec and os.path.join(spec.submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz")
+  path = spec and os.path.join(spec.submodule_search_locations[0], name)
   if not path or not os.path.exists(path):
-    raise FileNotFoundError("CLIP BPE vocabulary not found: run `pip install --no-deps "
-                            "open_clip_torch==3.3.0`, or pass a local tokenizer directory")
+    raise FileNotFoundError(f"open_clip's {name} not found: run `pip install --no-deps "
+                            "open_clip_torch==3.3.0`")
   return path
+
+
+def clip_bpe_path() -> str:
+  """CLIP's BPE merges (`bpe_simple_vocab_16e6.txt.gz` of the open_clip_torch wheel)."""
+  return open_clip_file("bpe_simple_vocab_16e6.txt.gz")
 
 
 def byte_alphabet() -> list[str]:

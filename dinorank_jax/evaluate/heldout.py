@@ -9,9 +9,11 @@ alone would leave the others waiting at the next collective).
 Zero-shot tasks are those the dataset's metadata lists (`zero_shot_tasks`,
 class names per task; the synthetic corpus has `colour`, `shape` and the
 fine-grained `colour_shape_texture`) with each record's `labels`. Class
-embeddings average the normalised text embeddings of `PROMPTS`. Retrieval
-R@1 counts a hit when the caption of image i is the nearest of all
-captions (`i2t`), and the other way round (`t2i`).
+embeddings average the normalised text embeddings of
+`prompts.SYNTHETIC_TEMPLATES`. Retrieval R@1 counts a hit when the caption of
+image i is the nearest of all captions (`i2t`), and the other way round
+(`t2i`); `metrics` computes both. The full evaluation of an exported model
+is `python -m dinorank_jax.evaluate`.
 """
 
 import functools
@@ -26,10 +28,10 @@ from dinorank_jax import parallel
 from dinorank_jax.data import records
 from dinorank_jax.data.pipeline import Decode
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH, TextTokenizer
+from dinorank_jax.evaluate import metrics as metrics_lib
+from dinorank_jax.evaluate.prompts import SYNTHETIC_TEMPLATES, class_embeddings
 from dinorank_jax.models import DinoRankCLIP
 from dinorank_jax.step import normalise_images
-
-PROMPTS = ("a {}", "a picture of a {}")
 
 
 def sharded_map(fn, params, mesh, n: int, load, batch_size: int) -> dict:
@@ -72,13 +74,6 @@ def _split_loader(directory: str, image_size: int, tasks):
   return len(source), load
 
 
-def _nearest_is_self(a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:
-  """bool `[n]`: row i of `a` has row i of `b` as its nearest (by dot product)."""
-  hits = [np.argmax(a[s:s + chunk] @ b.T, axis=1) == np.arange(s, min(s + chunk, len(a)))
-          for s in range(0, len(a), chunk)]
-  return np.concatenate(hits)
-
-
 def evaluate(model: DinoRankCLIP, params, mesh, directory: str, *, batch_size: int,
              image_size: int) -> dict[str, float]:
   """`zero_shot/<task>` accuracy per task and `retrieval/{i2t,t2i}_r1` on the
@@ -100,20 +95,21 @@ def evaluate(model: DinoRankCLIP, params, mesh, directory: str, *, batch_size: i
   split = sharded_map(embed, params, mesh, n, load, batch_size)
   valid = split["valid"]
   image, text = split["image"][valid], split["text"][valid]
+  recall = metrics_lib.retrieval(image, text, np.arange(len(image)), ks=(1,))
   metrics = {"eval/skipped": float(n - valid.sum()),
-             "retrieval/i2t_r1": float(_nearest_is_self(image, text).mean()),
-             "retrieval/t2i_r1": float(_nearest_is_self(text, image).mean())}
+             **{f"retrieval/{k}": v for k, v in recall.items()}}
 
   tokenizer = TextTokenizer()
+
+  def encode_text(texts):
+    tokens = np.asarray(tokenizer(texts, CONTEXT_LENGTH), np.int32)
+    return sharded_map(functools.partial(embed, with_images=False), params, mesh,
+                       len(tokens), lambda i: {"tokens": tokens[i]}, batch_size)["text"]
+
   for task, names in tasks.items():
-    prompts = tokenizer([p.format(c) for c in names for p in PROMPTS], CONTEXT_LENGTH)
-    prompts = np.asarray(prompts, np.int32)
-    classes = sharded_map(functools.partial(embed, with_images=False), params, mesh,
-                          len(prompts), lambda i: {"tokens": prompts[i]}, batch_size)["text"]
-    classes = classes.reshape(len(names), len(PROMPTS), -1).mean(axis=1)
-    classes /= np.linalg.norm(classes, axis=1, keepdims=True)
+    classes = class_embeddings(encode_text, names, SYNTHETIC_TEMPLATES)
     labels = split[f"label_{task}"][valid]
     known = labels >= 0
-    predicted = np.argmax(image[known] @ classes.T, axis=1)
-    metrics[f"zero_shot/{task}"] = float(np.mean(predicted == labels[known]))
+    metrics[f"zero_shot/{task}"] = metrics_lib.zero_shot(image[known], classes, labels[known],
+                                                         ks=(1,))["top1"]
   return metrics

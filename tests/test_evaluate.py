@@ -1,0 +1,255 @@
+"""The evaluation tool: metrics against hand-computed values, the linear probe,
+every data source (our records, image folders, a tensorflow-datasets dataset
+prepared in the test), missing datasets, and the CLI end to end on a trained
+and exported tiny model, with `--compare`."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinorank_jax import export, train
+from dinorank_jax.evaluate import __main__ as cli
+from dinorank_jax.evaluate import metrics, probe, prompts, report, suites
+from dinorank_jax.evaluate.sources import folder_split, tfds_split
+from tests import tiny_corpus
+from tests.tiny_config import get_config as tiny_config
+
+CLASSES = ["red", "green", "blue", "sea_lion"]
+
+
+class OneHotModel:
+  """Image i of class c (pixel value 40 c) and every prompt naming class c embed
+  to the same one-hot vector: zero-shot must be exact."""
+  image_size, has_image_student = 16, False
+
+  def encode_image(self, images):
+    return np.eye(8, dtype=np.float32)[np.asarray(images)[:, 0, 0, 0] // 40]
+
+  def encode_text(self, texts):
+    names = [c.replace("_", " ") for c in CLASSES]
+    return np.eye(8, dtype=np.float32)[[next(i for i, n in enumerate(names) if n in t)
+                                        for t in texts]]
+
+
+def _folder(root, per_class=3, bad=0):
+  for c, name in enumerate(CLASSES):
+    os.makedirs(root / name)
+    for i in range(per_class):
+      Image.fromarray(np.full((20, 24, 3), 40 * c, np.uint8)).save(root / name / f"{i}.png")
+  for i in range(bad):
+    (root / CLASSES[0] / f"broken{i}.jpg").write_bytes(b"not an image")
+  return str(root)
+
+
+def test_zero_shot_is_exact_for_identical_embeddings_and_chance_for_random(tmp_path):
+  result = suites.run(f"folder:{_folder(tmp_path / 'set', bad=1)}", OneHotModel(), "")
+  assert result["status"] == "ok" and result["examples"] == 12 and result["skipped"] == 1
+  assert result["metrics"]["zero_shot/label/top1"] == 1.0
+  assert result["metrics"]["zero_shot/label/mean_per_class_recall"] == 1.0
+
+  # ImageNet-R's protocol: only the classes that occur compete (here 2 of 4).
+  names = [c.replace("_", " ") for c in CLASSES]
+  model, embedded = OneHotModel(), {"tasks": {"label": names}, "labels": {"label": np.array([3, 1])},
+                                    "image": np.eye(8, dtype=np.float32)[[0, 0]]}
+  assert suites.zero_shot(model, embedded, ["{}"])["label/top1"] == 0.0     # class 0 wins
+  assert suites.zero_shot(model, embedded, ["{}"], present_only=True)["label/top1"] == 0.5
+  assert suites.ZERO_SHOT["imagenet_r"].present_only and not suites.ZERO_SHOT["imagenet"].present_only
+
+  rng = np.random.default_rng(0)
+  image, classes = rng.normal(size=(20000, 16)), rng.normal(size=(10, 16))
+  scores = metrics.zero_shot(image, classes, rng.integers(0, 10, 20000))
+  assert scores["top1"] == pytest.approx(0.1, abs=0.01)
+  assert scores["top5"] == pytest.approx(0.5, abs=0.015)
+  assert scores["mean_per_class_recall"] == pytest.approx(0.1, abs=0.01)
+
+
+def test_retrieval_recall_equals_hand_computed_values_with_ties():
+  # image i · caption j = S[i, j] (image rows are the identity); caption j describes image j.
+  s = np.array([[0.9, 0.9, 0.1, 0.0, 0.0],    # tie with a later caption: rank 0
+                [0.8, 0.5, 0.8, 0.1, 0.0],    # two above: rank 2
+                [0.2, 0.2, 0.2, 0.2, 0.1],    # tied with two earlier, one later: rank 2
+                [0.0, 0.0, 0.7, 0.7, 0.0],    # tied with an earlier caption: rank 1
+                [0.3, 0.0, 0.0, 0.0, 0.6]])   # rank 0
+  # i2t ranks 0, 2, 2, 1, 0; t2i (columns) ranks 0, 1, 2, 0, 0.
+  got = metrics.retrieval(np.eye(5), s.T, np.arange(5), ks=(1, 2, 3))
+  assert got == pytest.approx({"i2t_r1": 0.4, "i2t_r2": 0.6, "i2t_r3": 1.0,
+                               "t2i_r1": 0.6, "t2i_r2": 0.8, "t2i_r3": 1.0})
+  # Several captions per image: a hit is any of them in the top k.
+  s = np.array([[0.1, 0.5, 0.9],     # image 0 owns captions 0 and 1: best is 1, rank 1
+                [0.6, 0.2, 0.3]])    # image 1 owns caption 2: rank 1
+  got = metrics.retrieval(np.eye(2), s.T, np.array([0, 0, 1]), ks=(1, 2))
+  assert got == pytest.approx({"i2t_r1": 0.0, "i2t_r2": 1.0, "t2i_r1": 1 / 3, "t2i_r2": 1.0})
+
+
+def test_linear_probe_separates_separable_features():
+  rng = np.random.default_rng(0)
+  centres = 4.0 * rng.normal(size=(5, 12))
+
+  def split(n):
+    y = rng.integers(0, 5, n)
+    return (centres[y] + rng.normal(size=(n, 12))).astype(np.float32), y
+
+  result = probe.linear_probe(split(300), split(100), split(300), 5, steps=100)
+  assert result["top1"] >= 0.99 and result["mean_per_class_recall"] >= 0.99
+  assert min(probe.COARSE) <= result["l2"] <= max(probe.COARSE) * 10 ** 0.5
+
+
+def test_modality_gap_cone_numbers_and_gram_fidelity():
+  rng = np.random.default_rng(0)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  image, text = unit(rng.normal(size=(50, 8)) + 2.0), unit(rng.normal(size=(50, 8)) - 2.0)
+  gap = metrics.modality_gap(image, text)
+  pairs = image @ image.T
+  assert gap["cone_image"] == pytest.approx((pairs.sum() - np.trace(pairs)) / (50 * 49))
+  assert gap["cross_cosine"] == pytest.approx(np.mean(image @ text.T))
+  assert gap["gap"] == pytest.approx(np.linalg.norm(image.mean(0) - text.mean(0)))
+  assert gap["gap"] > 1.0 and metrics.modality_gap(image, image)["gap"] == 0.0
+
+  tokens = rng.normal(size=(3, 16, 6)).astype(np.float32)
+  rotation = np.linalg.qr(rng.normal(size=(6, 6)))[0].astype(np.float32)
+  same = metrics.gram_fidelity(tokens @ rotation, tokens)
+  np.testing.assert_allclose(same["cosine"], 1.0, rtol=1e-5)
+  np.testing.assert_allclose(same["distance"], 0.0, atol=1e-5)
+  other = metrics.gram_fidelity(tokens[:, ::-1], tokens)
+  assert np.all(other["cosine"] < 0.9) and np.all(other["distance"] > 0.01)
+
+
+def test_prompts_are_clips_80_templates_and_imagenet_names():
+  assert len(prompts.imagenet_templates()) == 80
+  assert prompts.imagenet_templates()[0].format("dog") == "a bad photo of a dog."
+  assert len(prompts.imagenet_class_names()) == 1000
+  assert prompts.class_names(["n01440764", "n01443537"]) == ["tench", "goldfish"]
+  assert prompts.class_names(["sea_lion"]) == ["sea lion"]
+  # A class embedding is the renormalised mean of its normalised prompt embeddings.
+  rng, table = np.random.default_rng(0), {}
+  unit = lambda x: x / np.linalg.norm(x)
+  encode = lambda texts: np.stack([table.setdefault(t, unit(rng.normal(size=4))) for t in texts])
+  got = prompts.class_embeddings(encode, ["cat", "dog"], ("a {}", "the {}", "{}!"))
+  for row, name in zip(got, ("cat", "dog")):
+    np.testing.assert_allclose(
+        row, unit(sum(table[t.format(name)] for t in ("a {}", "the {}", "{}!"))), rtol=1e-6)
+
+
+def _prepare_tfds(data_dir: str, name: str, captions: bool = False):
+  """A tiny dataset prepared as tensorflow-datasets does (array_record files and
+  dataset_info.json), images given encoded: example i shows class i mod 4, as a
+  label or as two captions naming it (coco_captions' layout)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  target = ({"captions": tfds.features.Sequence({"text": np.str_})} if captions
+            else {"label": tfds.features.ClassLabel(names=CLASSES)})
+
+  class Tiny(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"image": tfds.features.Image(shape=(20, 20, 3)), **target}))
+
+    def _split_generators(self, dl_manager):
+      if captions:
+        return {"val": self._generate_examples(4), "test": self._generate_examples(4)}
+      return {"train": self._generate_examples(40), "test": self._generate_examples(12)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        png = io.BytesIO()
+        Image.fromarray(np.full((20, 20, 3), 40 * (i % 4), np.uint8)).save(png, "PNG")
+        png.seek(0)
+        name = CLASSES[i % 4].replace("_", " ")
+        yield i, {"image": png, **({"captions": {"text": [f"a {name}", f"{name}, again"]}}
+                                   if captions else {"label": i % 4})}
+
+  Tiny.name = name
+  Tiny(data_dir=data_dir, file_format="array_record").download_and_prepare()
+
+
+def test_tfds_source_reads_a_prepared_dataset_and_probes_it(tmp_path):
+  _prepare_tfds(str(tmp_path), "tiny_colours")
+  split = tfds_split(str(tmp_path), "tiny_colours", "test")
+  assert split.size == 12 and split.tasks == {"label": ["red", "green", "blue", "sea lion"]}
+  batch = split.read(np.arange(5), 16)
+  assert batch["image"].shape == (5, 16, 16, 3) and batch["image"].dtype == np.uint8
+  labels = batch["labels"]["label"]                     # TFDS shuffles: pixels must follow labels
+  np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], 40 * labels)
+  assert set(split.read(np.arange(12), 16)["labels"]["label"]) == {0, 1, 2, 3}
+
+  result = suites.run("probe:tiny_colours", OneHotModel(), str(tmp_path))
+  assert result["status"] == "ok" and result["examples"] == 12
+  assert result["metrics"]["probe/label/top1"] == 1.0
+  missing = suites.run("probe:tiny_colours", OneHotModel(), str(tmp_path / "elsewhere"))
+  assert missing["status"].startswith("skipped: not found at ")
+  assert str(tmp_path / "elsewhere" / "tiny_colours") in missing["status"]
+
+
+def test_coco_retrieval_and_gap_read_captions_from_tfds(tmp_path):
+  _prepare_tfds(str(tmp_path), "coco_captions", captions=True)
+  coco = suites.run("coco", OneHotModel(), str(tmp_path))
+  assert coco["status"] == "ok" and coco["examples"] == 4
+  assert coco["metrics"] == {f"retrieval/{d}_r{k}": 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10)}
+  gap = suites.run("gap", OneHotModel(), str(tmp_path))
+  assert gap["metrics"]["gap/gap"] == 0.0 and gap["metrics"]["gap/matched_cosine"] == 1.0
+  assert len(gap["plots"]["gap"]["image"]) == 4
+
+
+def test_missing_datasets_are_reported_as_skipped(tmp_path):
+  names = suites.expand(["all"])
+  assert {"imagenet", "coco", "gap", "probe:cifar10", "probe:flowers"} <= set(names)
+  for name in ("imagenet", "imagenet_v2_mf", "coco", "gap", "probe:fgvc_aircraft", "synthetic",
+               f"records:{tmp_path}", f"folder:{tmp_path / 'x'}"):
+    status = suites.run(name, OneHotModel(), str(tmp_path))["status"]
+    assert status.startswith(f"skipped: not found at {tmp_path}"), (name, status)
+  with pytest.raises(ValueError, match="unknown suite"):
+    suites.expand(["imagenet", "cocoa"])
+
+
+@pytest.fixture(scope="module")
+def trained_export(tmp_path_factory):
+  root = tmp_path_factory.mktemp("evaluate")
+  data = tiny_corpus.corpora(str(root / "data"), num_train=64, num_eval=32)
+  config = tiny_config(data)
+  config.epochs, config.data.eval_path = 2, ""          # 4 steps
+  train.train_and_evaluate(config, str(root / "run"))
+  export.main(["--workdir", str(root / "run"), "--out", str(root / "export")])
+  return root
+
+
+def test_cli_evaluates_the_synthetic_suite_writes_the_report_and_compares(trained_export, capsys):
+  root = trained_export
+  cli.main(["--model", str(root / "export"), "--suite", "synthetic,table1",
+            "--data_dir", str(root / "data"), "--out", str(root / "report")])
+  printed = capsys.readouterr().out
+  results = json.load(open(root / "report" / report.RESULTS))
+  synthetic = results["models"]["export"]["suites"]["synthetic"]
+  assert synthetic["status"] == "ok" and synthetic["examples"] == 32
+  found = synthetic["metrics"]
+  for key in ("zero_shot/colour/top1", "zero_shot/shape/top5", "retrieval/i2t_r10",
+              "probe/colour/top1", "gap/gap", "gap/cone_text", "fidelity/cosine_mean",
+              "fidelity/gram_distance"):
+    assert np.isfinite(found[key]), key
+  assert 0.0 <= found["zero_shot/colour/top1"] <= found["zero_shot/colour/top3"] <= 1.0
+  # Two captions per held-out scene (raw and synthetic): R@k counts either.
+  assert found["retrieval/i2t_r1"] <= found["retrieval/i2t_r5"] <= found["retrieval/i2t_r10"]
+  for suite in ("imagenet", "coco"):
+    assert results["models"]["export"]["suites"][suite]["status"].startswith("skipped: not found")
+  assert "## synthetic: zero_shot (%)" in printed and "Not measured" in printed
+  for figure in report.FIGURES:
+    assert (root / "report" / figure).stat().st_size > 1000, figure
+  assert results["figures"] == list(report.FIGURES)
+  # Side by side, without a model: the second copy is renamed, numbers kept.
+  cli.main(["--compare", str(root / "report"), str(root / "report"), "--out", str(root / "both")])
+  both = json.load(open(root / "both" / report.RESULTS))["models"]
+  assert list(both) == ["export", "export (2)"]
+  assert both["export (2)"]["suites"]["synthetic"]["metrics"] == found
+  assert "| export (2) |" in open(root / "both" / "report.md").read()
+
+
+def test_cli_names_the_fix_for_bad_arguments(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["--model", str(tmp_path), "--out", str(tmp_path / "r")])
+  assert "python -m dinorank_jax.export" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cli.main(["--compare", str(tmp_path), "--out", str(tmp_path / "r")])
