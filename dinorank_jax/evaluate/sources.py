@@ -1,14 +1,16 @@
 """Where evaluation images, labels and captions come from.
 
-A `Split` has `size` examples and `read(indices, side)`, which returns
+A `Split` has `size` examples, `tasks` (task → class names) and
+`read(indices, side)`, which decodes the examples on a thread pool (PIL
+releases the GIL) and returns
 
     image     uint8 [n, side, side, 3]: the centre square, resized (bilinear)
     valid     bool [n]: False for an example that could not be decoded
-    labels    {task: int [n]}          (labelled sources)
+    labels    {task: int [n]}          (labelled sources; -1 where unknown)
     captions  [[str, ...], ...]         (captioned sources; one list per image)
     teacher_patches, crop, flip         (our records with teacher features)
 
-and `tasks` (task → class names). Three kinds:
+Three kinds:
 
 * our records (`records_split`): a directory written by
   `dinorank_jax.data.build`; zero-shot tasks from its metadata, the raw
@@ -25,8 +27,8 @@ and `tasks` (task → class names). Three kinds:
 A source that is not there raises `NotFound` naming the path it looked at.
 """
 
+import concurrent.futures
 import dataclasses
-import io
 import os
 from collections.abc import Callable
 
@@ -45,13 +47,40 @@ class NotFound(Exception):
   """A dataset missing from where it was looked for (reported as skipped)."""
 
 
+THREADS = min(16, os.cpu_count() or 1)
+
+
 @dataclasses.dataclass
 class Split:
+  """`example(i, side)` decodes one example as a dict of the fields above
+  (`labels` as `{task: int}`), or returns `{}` when it cannot."""
   name: str
   size: int
-  read: Callable[[np.ndarray, int], dict]
+  example: Callable[[int, int], dict]
   tasks: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-  captioned: bool = False
+
+  def read(self, indices, side: int) -> dict:
+    with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
+      examples = list(pool.map(lambda i: self.example(int(i), side), indices))
+    valid = np.asarray([bool(e) for e in examples])
+    template = next((e for e in examples if e), {"image": np.zeros((side, side, 3), np.uint8)})
+    blank = {k: _blank_like(v) for k, v in template.items()}
+    examples = [e or blank for e in examples]
+    out = {"valid": valid}
+    for key in template:
+      values = [e[key] for e in examples]
+      if key == "labels":
+        out[key] = {t: np.asarray([v[t] for v in values], np.int32) for t in template[key]}
+      else:
+        out[key] = values if key == "captions" else np.stack(values)
+    return out
+
+
+def _blank_like(value):
+  """The stand-in for a field of an example that could not be decoded."""
+  if isinstance(value, dict):
+    return dict.fromkeys(value, -1)
+  return [] if isinstance(value, list) else np.zeros_like(value)
 
 
 def square(image: Image.Image, side: int) -> np.ndarray:
@@ -62,10 +91,6 @@ def square(image: Image.Image, side: int) -> np.ndarray:
   return np.asarray(image.convert("RGB").resize((side, side), Image.BILINEAR, box=box))
 
 
-def _blank(side: int) -> np.ndarray:
-  return np.zeros((side, side, 3), np.uint8)
-
-
 def records_split(directory: str) -> Split:
   try:
     meta = records.read_metadata(directory)
@@ -74,34 +99,20 @@ def records_split(directory: str) -> Split:
   source = ArrayRecordDataSource(records.shard_paths(directory))
   tasks = {t: list(names) for t, names in (meta.get("zero_shot_tasks") or {}).items()}
 
-  def read(indices, side):
-    decode = Decode(side, augment=False)
-    out = {"image": [], "valid": [], "captions": [], "labels": {t: [] for t in tasks},
-           "crop": [], "flip": []}
-    teacher = []
-    for i in indices:
-      data = source[int(i)]
-      example = decode.map((int(i), data))
-      ok = "_skip" not in example
-      record = records.decode_record(data) if ok else {}
-      out["valid"].append(ok)
-      out["image"].append(example["image"] if ok else _blank(side))
-      out["crop"].append(example["crop"] if ok else np.asarray([0, 0, 1, 1], np.float32))
-      out["flip"].append(False)
-      out["captions"].append([record[k] for k in ("caption", "syn_caption") if k in record])
-      for t in tasks:
-        out["labels"][t].append(record.get("labels", {}).get(t, -1))
-      teacher.append(example.get("teacher_patches"))
-    out = {**out, "image": np.stack(out["image"]), "valid": np.asarray(out["valid"]),
-           "crop": np.stack(out["crop"]), "flip": np.asarray(out["flip"]),
-           "labels": {t: np.asarray(v, np.int32) for t, v in out["labels"].items()}}
-    shapes = [t.shape for t in teacher if t is not None]
-    if shapes:
-      out["teacher_patches"] = np.stack([np.zeros(shapes[0]) if t is None else t
-                                         for t in teacher]).astype(np.float32)
+  def example(i, side):
+    data = source[i]
+    decoded = Decode(side, augment=False).map((i, data))
+    if "_skip" in decoded:
+      return {}
+    record = records.decode_record(data)
+    out = {"image": decoded["image"], "crop": decoded["crop"], "flip": decoded["flip"],
+           "labels": {t: record.get("labels", {}).get(t, -1) for t in tasks},
+           "captions": [record[k] for k in ("caption", "syn_caption") if k in record]}
+    if "teacher_patches" in decoded:
+      out["teacher_patches"] = decoded["teacher_patches"].astype(np.float32)
     return out
 
-  return Split(f"records {directory}", len(source), read, tasks, captioned=True)
+  return Split(f"records {directory}", len(source), example, tasks)
 
 
 def folder_split(root: str) -> Split:
@@ -114,20 +125,15 @@ def folder_split(root: str) -> Split:
   if not files:
     raise NotFound(f"{root} (no images in <class>/ subdirectories)")
 
-  def read(indices, side):
-    images, valid = [], []
-    for i in indices:
-      try:
-        with Image.open(files[int(i)][0]) as image:
-          images.append(square(image, side))
-        valid.append(True)
-      except Exception:  # an unreadable file is skipped and counted, never fatal
-        images.append(_blank(side))
-        valid.append(False)
-    return {"image": np.stack(images), "valid": np.asarray(valid),
-            "labels": {"label": np.asarray([files[int(i)][1] for i in indices], np.int32)}}
+  def example(i, side):
+    path, label = files[i]
+    try:
+      with Image.open(path) as image:
+        return {"image": square(image, side), "labels": {"label": label}}
+    except Exception:  # an unreadable file is skipped and counted, never fatal
+      return {}
 
-  return Split(f"folder {root}", len(files), read, {"label": class_names(classes)})
+  return Split(f"folder {root}", len(files), example, {"label": class_names(classes)})
 
 
 def _prepared_dir(data_dir: str, name: str) -> str:
@@ -153,28 +159,17 @@ def tfds_split(data_dir: str, name: str, split: str) -> Split:
   source = builder.as_data_source(split=split)
   features = builder.info.features
   tasks = {"label": class_names(features["label"].names)} if "label" in features else {}
-  captioned = "captions" in features
 
-  def read(indices, side):
-    images, valid, labels, captions = [], [], [], []
-    for i in indices:
-      try:
-        example = source[int(i)]
-        images.append(square(Image.fromarray(np.asarray(example["image"]).squeeze()), side))
-        valid.append(True)
-      except Exception:  # an undecodable example is skipped and counted, never fatal
-        example = {}
-        images.append(_blank(side))
-        valid.append(False)
-      labels.append(int(example.get("label", -1)))
-      if captioned:
-        text = example.get("captions", {}).get("text", [])
-        captions.append([t.decode() if isinstance(t, bytes) else str(t) for t in text])
-    out = {"image": np.stack(images), "valid": np.asarray(valid)}
-    if tasks:
-      out["labels"] = {"label": np.asarray(labels, np.int32)}
-    if captioned:
-      out["captions"] = captions
+  def example(i, side):
+    try:
+      found = source[i]
+      out = {"image": square(Image.fromarray(np.asarray(found["image"]).squeeze()), side),
+             "labels": {t: int(found[t]) for t in tasks}}
+    except Exception:  # an undecodable example is skipped and counted, never fatal
+      return {}
+    if "captions" in features:
+      out["captions"] = [t.decode() if isinstance(t, bytes) else str(t)
+                         for t in found["captions"]["text"]]
     return out
 
-  return Split(f"tfds {name}:{split} at {path}", len(source), read, tasks, captioned)
+  return Split(f"tfds {name}:{split} at {path}", len(source), example, tasks)
