@@ -34,7 +34,8 @@ def evaluate_models(paths: list[str], names: list[str], data_dir: str, *, batch_
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m dinorank_jax.evaluate",
+                              description=__doc__.split("\n")[0])
   p.add_argument("--model", help="export directories (python -m dinorank_jax.export), comma-separated")
   p.add_argument("--suite", default="synthetic",
                  help=f"comma-separated: {', '.join(suites.NAMED)}, records:DIR, folder:DIR, probe:NAME")
