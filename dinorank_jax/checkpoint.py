@@ -6,7 +6,9 @@ so a resumed run continues with exactly the batches it would have seen.
 Saves are asynchronous; a step directory counts only once orbax has
 committed it, so a run killed mid-save resumes from the last complete one.
 Restoring takes an abstract state carrying the *new* shardings, so a
-checkpoint written on 8 devices restores onto 4.
+checkpoint written on 8 devices restores onto 4; a checkpoint whose
+parameters are not the model's (another layout or architecture) is refused
+in one line before orbax is asked to restore it.
 """
 
 import json
@@ -15,6 +17,36 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+
+class IncompatibleCheckpoint(ValueError):
+  """The latest checkpoint holds other parameters than the model's; the
+  message names the difference and the fix."""
+
+
+def _param_paths(tree) -> set[str]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves}
+
+
+def check_params(saved: dict, wanted: dict, where: str) -> None:
+  """Raises `IncompatibleCheckpoint` unless `saved` (the checkpoint's
+  parameter metadata) has exactly the parameter names of `wanted`."""
+  extra, missing = sorted(_param_paths(saved) - _param_paths(wanted)), sorted(
+      _param_paths(wanted) - _param_paths(saved))
+  if not extra and not missing:
+    return
+  if any("/block_0/" in p for p in extra) and any("/blocks/" in p for p in missing):
+    raise IncompatibleCheckpoint(
+        f"{where} holds unrolled encoder layers (block_0, …; written before scanned stacks): "
+        "resume it with --config.model.scan=False")
+  if any("/blocks/" in p for p in extra) and any("/block_0/" in p for p in missing):
+    raise IncompatibleCheckpoint(f"{where} holds scanned encoder layers: resume it with "
+                                 "--config.model.scan=True")
+  first = (f"it has {extra[0]}, which the model lacks" if extra
+           else f"it lacks the model's {missing[0]}")
+  raise IncompatibleCheckpoint(f"{where} was written by another model ({first}): resume "
+                               "with the config the run was started with (its config.json)")
 
 
 class Checkpointer:
@@ -48,6 +80,10 @@ class Checkpointer:
     step = self.latest_step
     if step is None:
       return None
+    path = os.path.join(self.manager.directory, str(step), "state")
+    saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+    check_params(saved["params"], abstract_state.params,
+                 f"checkpoint {step} in {self.manager.directory}")
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=grain.checkpoint.CheckpointRestore(iterator)))

@@ -6,10 +6,19 @@ experiment changes; any field can be overridden on the command line,
 `--config.batch_size=1024`, `--config.model.rank_order=2`.
 """
 
+import os
+
 from ml_collections import ConfigDict, FieldReference
 
 DATA_HELP = ("set --config.data.path to a records directory with teacher features "
              "(docs/data.md: dinorank_jax.data.build, then dinorank_jax.teacher.export)")
+
+
+def default_compilation_cache() -> str:
+  """Where compiled programs are cached unless told otherwise:
+  `$XDG_CACHE_HOME/dinorank_jax/jax` (`~/.cache/dinorank_jax/jax`)."""
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(cache, "dinorank_jax", "jax")
 
 
 def paper(*, order: int = 3, epochs: int = 64, students: str = "both",
@@ -42,6 +51,8 @@ def paper(*, order: int = 3, epochs: int = 64, students: str = "both",
   c.model.rank_head_dim = 64
   c.model.rank_chunk_size = 16
   c.model.dtype = "bfloat16"                # compute dtype; parameters stay float32
+  c.model.scan = True                       # each stack of blocks is one nn.scan
+  c.model.remat = "none"                    # none | dots | full (docs/performance.md)
 
   c.objective = ConfigDict()                # step.Objective
   c.objective.rank_max = 0.125
@@ -77,6 +88,7 @@ def paper(*, order: int = 3, epochs: int = 64, students: str = "both",
   c.eval_every = 5000                       # steps; also at the end
   c.eval_batch_size = 1024
   c.on_nonfinite = "stop"                   # stop | skip (the update)
+  c.compilation_cache = default_compilation_cache()   # "" = off
   return c
 
 

@@ -30,15 +30,14 @@ import orbax.checkpoint as ocp
 
 from dinorank_jax.data import records
 from dinorank_jax.data.tokenizer import CLIP_BPE_ID, CONTEXT_LENGTH, TextTokenizer
-from dinorank_jax.models import DinoRankCLIP
-from dinorank_jax.step import normalise_images
+from dinorank_jax.models import CONFIG_FIELDS, DinoRankCLIP, from_config
+from dinorank_jax.models.layers import stack_layers
+from dinorank_jax.models.vit import normalise_images
 
-FORMAT_VERSION = 1
+# 2: scanned encoders (`encoder/blocks`, stacked); 1: unrolled (`block_{i}`),
+# converted by `stack_layers` on load.
+FORMAT_VERSION = 2
 CONFIG_FILE = "model_config.json"
-# The constructor arguments an exported model keeps (rank heads and teacher
-# projections are training-only).
-MODEL_FIELDS = ("embed_dim", "image_trunk", "text_trunk", "image_student", "text_student",
-                "students", "fusion_mode", "vocab_size", "eot_id", "dtype")
 
 
 def _on_one_device(tree):
@@ -73,10 +72,13 @@ def export(workdir: str, out: str, *, step: int | None = None, data: str | None 
     raise SystemExit(f"error: the run's dataset {data!r} has no {records.METADATA}: pass "
                      "--data with the records it trained on (for the vocabulary)") from None
   params, step = trained_params(workdir, step)
+  # Runs from before `config.model.scan` existed trained unrolled encoders;
+  # every export holds the scanned layout.
+  params = stack_layers(params)
   model_config = {
       "format_version": FORMAT_VERSION,
-      "model": {**{k: config.model[k] for k in MODEL_FIELDS if k in config.model},
-                "vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"]},
+      "model": {**{k: config.model[k] for k in CONFIG_FIELDS if k in config.model},
+                "scan": True, "vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"]},
       "image_size": config.data.image_size,
       "tokenizer": meta["tokenizer"],
       "context_length": CONTEXT_LENGTH,
@@ -94,9 +96,11 @@ def export(workdir: str, out: str, *, step: int | None = None, data: str | None 
   return model_config
 
 
-def _model(model_config: dict) -> DinoRankCLIP:
-  m = dict(model_config["model"])
-  return DinoRankCLIP(**{**m, "dtype": jnp.dtype(m["dtype"])}, rank_order=0)
+def _model(model_config: dict, **overrides) -> DinoRankCLIP:
+  """The exported network; rank heads are training-only (order 0 has none)."""
+  m = model_config["model"]
+  return from_config(m, vocab_size=m["vocab_size"], eot_id=m["eot_id"],
+                     **{"rank_order": 0, **overrides})
 
 
 def _dummy_inputs(model_config: dict):
@@ -169,14 +173,16 @@ def load(directory: str, *, batch_size: int = 256) -> ExportedModel:
   """The export at `directory` (written by `export`), on the default device."""
   with open(os.path.join(directory, CONFIG_FILE)) as f:
     model_config = json.load(f)
-  if model_config.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{directory}: export format {model_config.get('format_version')}, this "
-                     f"code reads {FORMAT_VERSION}; export the run again")
-  model = _model(model_config)
-  target = jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs(model_config))["params"]
+  version = model_config.get("format_version")
+  if version not in (1, FORMAT_VERSION):
+    raise ValueError(f"{directory}: export format {version}, this code reads 1 and "
+                     f"{FORMAT_VERSION}; export the run again (python -m dinorank_jax.export)")
+  model = _model(model_config, scan=True)
+  stored = _model(model_config, scan=version == FORMAT_VERSION)
+  target = jax.eval_shape(stored.init, jax.random.key(0), *_dummy_inputs(model_config))["params"]
   params = ocp.StandardCheckpointer().restore(
       os.path.join(os.path.abspath(directory), "params"), _on_one_device(target))
-  return ExportedModel(model, params, model_config, batch_size)
+  return ExportedModel(model, stack_layers(params), model_config, batch_size)
 
 
 def main(argv=None):

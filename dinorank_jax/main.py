@@ -17,7 +17,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from dinorank_jax import train
+from dinorank_jax import compilation, train
 from dinorank_jax.data import records
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/)",
@@ -52,6 +52,7 @@ def main(argv):
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   config = _CONFIG.value
+  compilation.use_cache(config.compilation_cache)
   try:
     metrics = train.train_and_evaluate(config, _WORKDIR.value)
   except (train.ConfigError, train.NonFiniteLoss) as e:

@@ -27,20 +27,17 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dinorank_jax import optim
-from dinorank_jax.data.pipeline import align_teacher_grid
 from dinorank_jax.losses.alip import consistency_gates, initial_momenta
 from dinorank_jax.losses.contrastive import clip_loss
 from dinorank_jax.losses.cyclip import cyclic_losses
-from dinorank_jax.losses.distill import distill_loss, masked_adaptive_avg_pool
+from dinorank_jax.losses.distill import align_teacher_grid, distill_loss
+
 from dinorank_jax.losses.ranking import gate_penalty, rank_losses
 from dinorank_jax.models import DinoRankCLIP, list_heads
-from dinorank_jax.models.vit import vit_size
+from dinorank_jax.models.vit import normalise_images, vit_size
+from dinorank_jax.pooling import masked_adaptive_avg_pool
+from dinorank_jax.data.tokenizer import CONTEXT_LENGTH
 from dinorank_jax.parallel import BATCH, state_shardings
-
-# CLIP's image normalisation.
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
@@ -69,12 +66,6 @@ class TrainState:
   params: dict
   opt_state: optax.OptState
   stats: dict          # running statistics of the objective (ALIP's momenta), else empty
-
-
-def normalise_images(images: jax.Array) -> jax.Array:
-  """uint8 `[B, H, W, 3]` -> float32, CLIP mean/std."""
-  x = images.astype(jnp.float32) / 255.0
-  return (x - jnp.asarray(IMAGE_MEAN)) / jnp.asarray(IMAGE_STD)
 
 
 def _local_losses(objective, model, params, out, batch, scale, key, active, stats,
@@ -187,6 +178,8 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = optim.freeze_inactive(updates, tags, metrics["active_order"])
     params = optax.apply_updates(state.params, updates)
+    metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                   update_norm=optax.tree.norm(updates))
     finite = jnp.isfinite(loss)
     if skip_nonfinite:
       keep = lambda new, old: jnp.where(finite, new, old)
@@ -201,15 +194,29 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
 
 
-def init_state(model: DinoRankCLIP, tx: optax.GradientTransformation, mesh, images, tokens,
-               seed: int = 0, objective: Objective = Objective()) -> tuple[TrainState, object]:
-  """Parameters, optimiser state and the objective's statistics, created in
-  place with the shardings of `parallel.state_shardings`; returns
-  `(state, shardings)`."""
+def state_initializer(model: DinoRankCLIP, tx: optax.GradientTransformation, mesh,
+                      image_size: int, seed: int = 0, objective: Objective = Objective()):
+  """`(init, shardings)`: `init(images, tokens)` jitted to create the state in
+  place with the shardings of `parallel.state_shardings`, taking uint8
+  `[1, S, S, 3]` images and int `[1, L]` tokens (`abstract_inputs`)."""
   def init(images, tokens):
     params = model.init(jax.random.key(seed), normalise_images(images), tokens)["params"]
     stats = {"alip_momenta": initial_momenta()} if objective.alip else {}
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), stats)
-  images, tokens = jnp.asarray(images[:1]), jnp.asarray(tokens[:1])
-  shardings = state_shardings(jax.eval_shape(init, images, tokens), mesh)
-  return jax.jit(init, out_shardings=shardings)(images, tokens), shardings
+  shardings = state_shardings(jax.eval_shape(init, *abstract_inputs(image_size)), mesh)
+  return jax.jit(init, out_shardings=shardings), shardings
+
+
+def abstract_inputs(image_size: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+  """The shapes `state_initializer`'s `init` is called with."""
+  return (jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8),
+          jax.ShapeDtypeStruct((1, CONTEXT_LENGTH), jnp.int32))
+
+
+def init_state(model: DinoRankCLIP, tx: optax.GradientTransformation, mesh, image_size: int,
+               seed: int = 0, objective: Objective = Objective()) -> tuple[TrainState, object]:
+  """Parameters, optimiser state and the objective's statistics, created in
+  place (`state_initializer`); returns `(state, shardings)`."""
+  init, shardings = state_initializer(model, tx, mesh, image_size, seed, objective)
+  images, tokens = (jnp.zeros(x.shape, x.dtype) for x in abstract_inputs(image_size))
+  return init(images, tokens), shardings

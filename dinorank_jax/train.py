@@ -21,22 +21,21 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from dinorank_jax import config as config_lib
-from dinorank_jax import evaluate, optim, parallel
-from dinorank_jax.checkpoint import Checkpointer, abstract_state
+from dinorank_jax import compilation, evaluate, optim, parallel
+from dinorank_jax.checkpoint import Checkpointer, IncompatibleCheckpoint, abstract_state
 from dinorank_jax.data import records
 from dinorank_jax.data.pipeline import make_dataset
 from dinorank_jax.data.prepare import prepare
-from dinorank_jax.data.tokenizer import CONTEXT_LENGTH
 from dinorank_jax.losses.distill import PROJECTED
 from dinorank_jax.metric_writer import MetricWriter
-from dinorank_jax.models import DinoRankCLIP
+from dinorank_jax.models import DinoRankCLIP, from_config
+from dinorank_jax.models.summary import parameter_overview
 from dinorank_jax.step import Objective, init_state, make_train_step
 
 NONFINITE = ("stop", "skip")
@@ -85,17 +84,12 @@ def _read_metadata(path: str) -> dict | None:
 def build_model(config, meta: dict) -> DinoRankCLIP:
   """The model of `config.model`, with the dataset's vocabulary and, for the
   projecting distillation criteria, its teacher widths."""
-  m = config.model
   teacher = meta.get("teacher") or {}
   projected = config.objective.criterion in PROJECTED and teacher
-  return DinoRankCLIP(
-      embed_dim=m.embed_dim, image_trunk=m.image_trunk, text_trunk=m.text_trunk,
-      image_student=m.image_student, text_student=m.text_student, students=m.students,
-      fusion_mode=m.fusion_mode, rank_order=m.rank_order, rank_head_dim=m.rank_head_dim,
-      rank_chunk_size=m.rank_chunk_size, vocab_size=meta["vocab_size"], eot_id=meta["eot_id"],
+  return from_config(
+      config.model, vocab_size=meta["vocab_size"], eot_id=meta["eot_id"],
       image_teacher_dims=(teacher["pca_dim"], teacher["cls_dim"]) if projected else None,
-      text_teacher_dims=(teacher["text_dim"], teacher["text_dim"]) if projected else None,
-      dtype=jnp.dtype(m.dtype))
+      text_teacher_dims=(teacher["text_dim"], teacher["text_dim"]) if projected else None)
 
 
 def _on_sigterm(flag: dict):
@@ -145,9 +139,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = optim.adamw(lr, config.optim.weight_decay)
   objective = Objective(**config.objective.to_dict())
   size = config.data.image_size
-  state, shardings = init_state(model, tx, mesh, np.zeros((1, size, size, 3), np.uint8),
-                                np.zeros((1, CONTEXT_LENGTH), np.int32), seed=config.seed,
-                                objective=objective)
+  state, shardings = init_state(model, tx, mesh, size, seed=config.seed, objective=objective)
+  if lead:
+    logging.info("parameters:\n%s", parameter_overview(state.params))
   iterator = iter(make_dataset(
       config.data.path, batch_size=config.batch_size // jax.process_count(), image_size=size,
       seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
@@ -156,7 +150,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   checkpointer = Checkpointer(workdir, save_every=config.checkpoint.every,
                               max_to_keep=config.checkpoint.max_to_keep)
-  restored = checkpointer.restore(abstract_state(state, shardings), iterator)
+  try:
+    restored = checkpointer.restore(abstract_state(state, shardings), iterator)
+  except IncompatibleCheckpoint as e:
+    raise ConfigError(str(e)) from None
   if restored is not None:
     state = restored
     logging.info("resumed from step %d", int(state.step))
@@ -186,6 +183,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   timer, timed_from = time.perf_counter(), start
   position = iterator.get_state()         # the data position a checkpoint records
   batch = parallel.global_batch(mesh, next(iterator)) if start < total_steps else None
+  if batch is not None:
+    # Compiled here, once, so that compilation never counts as a step's time.
+    train_step, report = compilation.compile_ahead(train_step, state, batch)
+    logging.info("train step: %s", compilation.describe(report))
+    writer.write(start, {f"compile/{k}": v for k, v in report.items()})
+    timer = time.perf_counter()
   try:
     for step in range(start, total_steps):
       state, metrics = train_step(state, batch)

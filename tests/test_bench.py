@@ -3,17 +3,25 @@ runs and reports, the profiler trace is written."""
 
 import glob
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from dinorank_jax.bench import __main__ as bench
+from dinorank_jax import parallel
+from dinorank_jax.bench import compile as compile_suite
 from dinorank_jax.bench import data, flops, losses, step
 from dinorank_jax.models import DinoRankCLIP
+from dinorank_jax.optim import WARM_START_EPOCHS
+from dinorank_jax.step import abstract_inputs, state_initializer
 
+# Unrolled: XLA's cost analysis counts a loop body once, not once per layer.
 PAPER = dict(embed_dim=512, image_trunk="B/32", text_trunk="B", image_student="Ti/16",
-             text_student="Ti", fusion_mode="full", rank_order=3, dtype=jnp.float32)
+             text_student="Ti", fusion_mode="full", rank_order=3, dtype=jnp.float32,
+             scan=False)
 
 
 @pytest.mark.parametrize("students,image_size", [("both", 224), ("none", 224), ("both", 64)])
@@ -55,6 +63,59 @@ def test_bench_command_runs_every_step_suite_and_writes_a_trace(tmp_path, capsys
   assert results["mfu"][0]["tflop_per_step"] < results["mfu"][1]["tflop_per_step"]
   for pattern in ("*.xplane.pb", "perfetto_trace.json.gz"):
     assert glob.glob(str(tmp_path / "trace" / "**" / pattern), recursive=True), pattern
+
+
+def test_compile_suite_reports_every_program_and_scanning_shrinks_it(tmp_path, capsys):
+  out = tmp_path / "compile.json"
+  bench.main(["--suite", "compile", "--no_compilation_cache", "--json", str(out)])
+  assert "compile (cpu shape" in capsys.readouterr().out
+  rows = {r["program"]: r for r in json.loads(out.read_text())["compile"]}
+  assert list(rows) == ["init", "step order 0", "step order 3"]
+  for r in rows.values():
+    assert r["compile_seconds"] > 0 and r["temp_bytes"] > 0 and r["output_bytes"] > 0
+  # The order-3 step adds the rank heads to order 0's program.
+  assert rows["step order 3"]["equations_total"] > rows["step order 0"]["equations_total"]
+  mesh = parallel.make_mesh()
+  batch = compile_suite.abstract_batch(mesh, 16, step.SHAPES["cpu"])
+  host = step.synthetic_batch(16, 32, step.SHAPES["cpu"]["teacher"])
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+      k: (v.shape, v.dtype) for k, v in host.items()}
+
+
+def test_unrolled_stacks_are_several_times_the_program_of_scanned_ones():
+  def equations(scan):
+    model, objective, tx = step.bench_model(0, step.SHAPES["gpu"], "none", {"scan": scan})
+    init, _ = state_initializer(model, tx, parallel.make_mesh(), 224, objective=objective)
+    return len(init.trace(*abstract_inputs(224)).jaxpr.jaxpr.eqns)
+  assert equations(False) > 5 * equations(True)
+
+
+def test_benchmark_state_is_drawn_from_abstract_shapes():
+  model, objective, tx = step.bench_model(3, step.SHAPES["cpu"])
+  mesh = parallel.make_mesh()
+  state, shardings = step.random_state(model, tx, mesh, 32, objective)
+  init, _ = state_initializer(model, tx, mesh, 32, objective=objective)
+  expected = jax.eval_shape(init, *abstract_inputs(32))
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), state.params) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), expected.params)
+  assert int(state.step) == WARM_START_EPOCHS[1]
+  assert 0.015 < float(jnp.std(state.params["image_tower"]["encoder"]["blocks"]["Dense_0"][
+      "kernel"])) < 0.025
+
+
+def test_the_persistent_cache_serves_a_second_process(tmp_path):
+  code = ("import sys, time, jax; from dinorank_jax import compilation, parallel\n"
+          "from dinorank_jax.bench import step\n"
+          "from dinorank_jax.step import abstract_inputs, state_initializer\n"
+          "compilation.use_cache(sys.argv[1])\n"
+          "model, objective, tx = step.bench_model(3, step.SHAPES['gpu'], 'none')\n"
+          "init, _ = state_initializer(model, tx, parallel.make_mesh(), 224)\n"
+          "print(compilation.compile_ahead(init, *abstract_inputs(224))[1]['compile_seconds'])")
+  run = lambda: float(subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")],
+                                     capture_output=True, text=True, check=True).stdout)
+  first = run()
+  assert any((tmp_path / "cache").iterdir())
+  assert run() < first / 3
 
 
 def test_rank_scaling_and_data_suites_report():

@@ -25,7 +25,7 @@ def _trainer(data, mesh):
   stream = pipeline.make_dataset(data, batch_size=16, image_size=IMAGE, seed=0)
   iterator = iter(stream)
   first = next(iter(stream))
-  state, shardings = init_state(model, tx, mesh, first["image"], first["tokens"])
+  state, shardings = init_state(model, tx, mesh, first["image"].shape[1])
   step = make_train_step(model, tx, Objective(high_order_len=None), mesh, shardings,
                          steps_per_epoch=3, epochs=4)
   return state, step, iterator

@@ -2,7 +2,6 @@
 sharded equals unsharded, finite gradients."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 

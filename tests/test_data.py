@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from dinorank_jax.data import build, pipeline, records, synthetic
+from dinorank_jax.losses import distill
 from dinorank_jax.data.tokenizer import TextTokenizer
 from dinorank_jax.teacher.pca import fit_pca, project
 
@@ -74,7 +75,7 @@ def test_crop_alignment_of_image_and_teacher_grid():
     decode = pipeline.Decode(image_size=64, seed=5, crop_scale=(0.1, 1.0))
     for position in range(40):
       example = decode.map((position, record))
-      target = np.asarray(pipeline.align_teacher_grid(
+      target = np.asarray(distill.align_teacher_grid(
           jnp.asarray(example["teacher_patches"])[None], jnp.asarray(example["crop"])[None],
           jnp.asarray(example["flip"])[None], grid))[0].reshape(*grid, 2)
       centres = (np.arange(grid[0]) + 0.5) * 64 / grid[0]
@@ -86,7 +87,7 @@ def test_crop_alignment_of_image_and_teacher_grid():
       replay = np.random.default_rng([5, position])
       x0, y0, w, h = pipeline.crop_box(replay, width, height, (0.1, 1.0))
       crop = np.asarray([x0 / width, y0 / height, w / width, h / height])
-      exact = np.stack(pipeline.token_centres(crop, grid, bool(replay.integers(2))), -1)
+      exact = np.stack(distill.token_centres(crop, grid, bool(replay.integers(2))), -1)
       np.testing.assert_array_less(np.abs(target - exact), 0.5 / w_t + 1e-3)
       clamped = np.clip(exact, 0.5 / w_t, 1 - 0.5 / w_t)
       np.testing.assert_allclose(target, clamped, atol=2e-3)

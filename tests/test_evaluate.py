@@ -14,7 +14,7 @@ from PIL import Image
 from dinorank_jax import export, train
 from dinorank_jax.evaluate import __main__ as cli
 from dinorank_jax.evaluate import metrics, probe, prompts, report, suites
-from dinorank_jax.evaluate.sources import folder_split, tfds_split
+from dinorank_jax.evaluate.sources import tfds_split
 from tests import tiny_corpus
 from tests.tiny_config import get_config as tiny_config
 

@@ -13,7 +13,7 @@ from dinorank_jax import export, train
 from dinorank_jax.data import records
 from dinorank_jax.data.tokenizer import TextTokenizer
 from dinorank_jax.models import DinoRankCLIP
-from dinorank_jax.step import normalise_images
+from dinorank_jax.models.vit import normalise_images
 from tests import tiny_corpus
 from tests.tiny_config import get_config as tiny_config
 

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dinorank_jax.losses.ranking import HighOrderPL, rank_losses
+from dinorank_jax.losses.ranking import rank_losses
+from dinorank_jax.models.rank_head import HighOrderPL
 from dinorank_jax.models import TextStudent, TextTransformer, ViT, list_heads
 from dinorank_jax.models.summary import count
 from dinorank_jax.models.dinorankclip import normalise

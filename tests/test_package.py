@@ -1,4 +1,5 @@
-"""Package boundaries: torch belongs to the teacher export alone."""
+"""Package boundaries: torch belongs to the teacher export alone; imports
+between `models/` and `losses/` run one way (models may use losses)."""
 
 import pathlib
 import pkgutil
@@ -26,3 +27,9 @@ def test_importing_every_module_loads_no_torch():
           "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_losses_never_import_models():
+  offenders = [p.name for p in (ROOT / "losses").glob("*.py")
+               if re.search(r"^\s*(from|import)\s+dinorank_jax\.models", p.read_text(), re.M)]
+  assert not offenders, offenders

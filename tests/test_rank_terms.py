@@ -10,7 +10,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from dinorank_jax import parallel
-from dinorank_jax.losses.ranking import HighOrderPL, rank_losses
+from dinorank_jax.losses.ranking import rank_losses
+from dinorank_jax.models.rank_head import HighOrderPL
 
 ROWS = P(parallel.DATA)
 
@@ -82,7 +83,7 @@ def test_local_scope_ranks_each_shard_alone():
   blocks = [_losses(head, params, u[i:i + 4], v[i:i + 4], 12.0) for i in range(0, 32, 4)]
   chex.assert_trees_all_close(got, jax.tree.map(lambda *b: jnp.mean(jnp.stack(b)), *blocks),
                               rtol=1e-5)
-  with pytest.raises(ValueError, match="config.rank.scope"):
+  with pytest.raises(ValueError, match="config.objective.rank_scope"):
     _losses(head, params, u, v, 12.0, scope="batch")
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from dinorank_jax.losses import plackett_luce as pl
-from dinorank_jax.losses.ranking import HighOrderPL, gate_penalty, pl_nll
+from dinorank_jax.losses.ranking import gate_penalty, pl_nll
+from dinorank_jax.models.rank_head import HighOrderPL
 from tests import pl_reference as ref_np
 
 

@@ -33,7 +33,7 @@ def _run(mesh, objective, steps=2, tx=None, host=None, **model_kw):
   model = tiny_model(dtype=jnp.float32, **model_kw)
   tx = tx or optim.adamw(optim.learning_rate(1e-3, 1, 10))
   host = host or _batch()
-  state, shardings = init_state(model, tx, mesh, host["image"], host["tokens"],
+  state, shardings = init_state(model, tx, mesh, host["image"].shape[1],
                                 objective=objective)
   step = make_train_step(model, tx, objective, mesh, shardings, steps_per_epoch=1, epochs=10)
   batch = parallel.global_batch(mesh, host)
@@ -60,10 +60,12 @@ def test_sharded_step_equals_one_device():
 
 
 def _assert_params_close(params, expected):
-  """Leaf by leaf, relative to the leaf's norm (a leaf mixes large and tiny entries)."""
+  """Leaf by leaf, relative to the leaf's norm (a leaf mixes large and tiny entries);
+  the absolute floor covers leaves whose gradient is zero in exact arithmetic
+  (attention key biases: softmax ignores them), where only rounding noise moves."""
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(expected)):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-7, jax.tree_util.keystr(path)
+    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-6, jax.tree_util.keystr(path)
 
 
 def test_full_objective_trains_without_recompiling():
@@ -78,16 +80,16 @@ def test_full_objective_trains_without_recompiling():
 
 
 def test_objective_assembles_equation_4():
-  from dinorank_jax.data.pipeline import align_teacher_grid
+  from dinorank_jax.losses.distill import align_teacher_grid
   from dinorank_jax.losses.distill import gram_loss
-  from dinorank_jax.step import normalise_images
+  from dinorank_jax.models.vit import normalise_images
   objective = Objective(beta=0.0, alpha_image=0.7, alpha_text=0.3, fusion_gate=0.05,
                         rank_gate=0.02)
   mesh = parallel.make_mesh(jax.devices()[:1])
   model = tiny_model(dtype=jnp.float32)
   tx = optax.sgd(0.0)
   host = _batch()
-  state, shardings = init_state(model, tx, mesh, host["image"], host["tokens"])
+  state, shardings = init_state(model, tx, mesh, host["image"].shape[1])
   params = jax.tree.map(np.asarray, state.params)
   step = make_train_step(model, tx, objective, mesh, shardings, steps_per_epoch=1, epochs=4)
   _, m = step(state, parallel.global_batch(mesh, host))
@@ -123,7 +125,7 @@ def test_nonfinite_step_is_skipped_when_asked():
   host = _batch()
   host["teacher_patches"][0] = np.inf                      # poisons the image distillation
   for skip in (True, False):
-    state, shardings = init_state(model, tx, mesh, host["image"], host["tokens"])
+    state, shardings = init_state(model, tx, mesh, host["image"].shape[1])
     before = jax.tree.map(np.asarray, state.params)
     step = make_train_step(model, tx, Objective(), mesh, shardings, steps_per_epoch=1,
                            epochs=4, skip_nonfinite=skip)
@@ -151,7 +153,7 @@ def test_alip_objective_trains_both_paths_and_carries_its_momenta():
   from dinorank_jax.losses.alip import consistency_gates
   from dinorank_jax.losses.contrastive import clip_loss
   from dinorank_jax.models import DinoRankCLIP
-  from dinorank_jax.step import normalise_images
+  from dinorank_jax.models.vit import normalise_images
   mesh = parallel.make_mesh()
   objective = Objective(alip=True)
   state, history, _ = _run(mesh, objective, tx=optax.sgd(0.0), students="none", rank_order=0)

@@ -3,9 +3,13 @@
     python -m dinorank_jax.bench --suite all                      # CPU, reduced size
     python -m dinorank_jax.bench --suite step,mfu --device gpu    # the paper's shape
     python -m dinorank_jax.bench --suite step --profile /tmp/trace
+    python -m dinorank_jax.bench --suite compile --device gpu      # compile cost, any backend
 
 Suites (comma-separated, or `all`):
 
+* `compile`: tracing, lowering and compiling the initialiser and the train
+  step at orders 0 and 3 from abstract shapes: equations, seconds, memory
+  (`bench.compile`);
 * `step`: the full train step at orders 0–5, each as a ratio to order 0
   measured in the same process, next to the paper's Table 5;
 * `mfu`: model FLOPs utilisation of CLIP (no students, order 0) and of the
@@ -14,7 +18,10 @@ Suites (comma-separated, or `all`):
   fitted exponents (`bench.losses.scaling`);
 * `data`: the input pipeline against a bare decode loop (`bench.data`).
 
-`--device` picks the shape (`bench.step.SHAPES`) and checks the backend;
+`--device` picks the shape (`bench.step.SHAPES`) and checks the backend
+(`--suite compile` alone compiles the gpu shape on any backend);
+`--model scan=false,remat=dots` overrides `config.model` fields of every
+model (an A/B in two calls; `compilation_cache` flags as in `main`);
 `--profile DIR` writes a JAX profiler trace of three order-3 steps
 (docs/performance.md says how to open it); `--json FILE` writes every number.
 """
@@ -26,9 +33,23 @@ import time
 
 import jax
 
+from dinorank_jax import compilation
+from dinorank_jax.bench import compile as compile_suite
 from dinorank_jax.bench import data, losses, step
 
-SUITES = ("step", "mfu", "rank", "data")
+SUITES = ("compile", "step", "mfu", "rank", "data")
+
+
+def model_overrides(text: str) -> dict:
+  """`"scan=false,remat=dots"` -> `{"scan": False, "remat": "dots"}`."""
+  out = {}
+  for item in filter(None, text.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise argparse.ArgumentTypeError(f"--model takes key=value pairs, got {item!r}")
+    lowered = value.lower()
+    out[key] = (lowered == "true") if lowered in ("true", "false") else value
+  return out
 
 
 def parse(argv=None):
@@ -44,6 +65,9 @@ def parse(argv=None):
   p.add_argument("--data_records", type=int, default=512, help="data suite: records")
   p.add_argument("--profile", help="write a profiler trace of three order-3 steps here")
   p.add_argument("--json", help="also write every number to this file")
+  p.add_argument("--model", type=model_overrides, default={},
+                 help="config.model overrides for every model, e.g. scan=false,remat=dots")
+  compilation.add_cache_flags(p)
   args = p.parse_args(argv)
   args.suites = SUITES if args.suite == "all" else tuple(args.suite.split(","))
   unknown = set(args.suites) - set(SUITES)
@@ -54,13 +78,18 @@ def parse(argv=None):
 
 def main(argv=None):
   args = parse(argv)
-  if args.device == "gpu" and jax.default_backend() != "gpu":
+  compilation.use_cache_from_flags(args)
+  if args.device == "gpu" and jax.default_backend() != "gpu" and set(args.suites) != {"compile"}:
     raise SystemExit(f"--device gpu, but JAX's backend is {jax.default_backend()}: install "
                      "jax[cuda12] on a GPU machine, or use --device cpu")
   device = jax.devices()[0]
   print(f"{jax.device_count()} x {device.device_kind} ({jax.default_backend()}), "
         f"{os.cpu_count()} CPU cores, JAX {jax.__version__}")
   results, started = {"device": device.device_kind, "devices": jax.device_count()}, time.time()
+  if "compile" in args.suites:
+    results["compile"] = compile_suite.run(args.device, rows=args.rows, overrides=args.model)
+    print(compile_suite.format_table(results["compile"], f"\ncompile ({args.device} shape, "
+                                     f"{args.model or 'default model'})"))
   models = {}
   if "step" in args.suites:
     models |= step.order_models(int(r) for r in args.orders.split(","))
@@ -69,7 +98,8 @@ def main(argv=None):
   if models:
     table = step.measure(models, args.device, rows=args.rows, rounds=args.rounds,
                          repeats=args.repeats, peak=args.peak_tflops,
-                         profile=("order 3", args.profile) if args.profile else None)
+                         profile=("order 3", args.profile) if args.profile else None,
+                         overrides=args.model)
     rows = {r["model"]: r for r in table}
     if "step" in args.suites:
       results["step"] = step.add_order_ratios([r for r in table if r["model"].startswith("order")])

@@ -31,7 +31,8 @@ import numpy as np
 
 from dinorank_jax.losses.contrastive import infonce_nll
 from dinorank_jax.losses.plackett_luce import reference_order
-from dinorank_jax.losses.ranking import HighOrderPL, mutual_rank_term
+from dinorank_jax.losses.ranking import mutual_rank_term
+from dinorank_jax.models.rank_head import HighOrderPL
 
 EMBED_DIM = 512
 GIB = 2 ** 30

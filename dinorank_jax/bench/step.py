@@ -29,7 +29,8 @@ from dinorank_jax import optim, parallel
 from dinorank_jax.bench import flops
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH
 from dinorank_jax.optim import WARM_START_EPOCHS
-from dinorank_jax.step import Objective, init_state, make_train_step
+from dinorank_jax.step import (Objective, TrainState, abstract_inputs, make_train_step,
+                               state_initializer)
 from dinorank_jax.train import build_model
 
 # The paper's Table 5, "step time" (ms) by rank order.
@@ -77,17 +78,42 @@ def synthetic_batch(rows: int, image_size: int, teacher: dict, seed: int = 0) ->
   }
 
 
-def compile_step(order: int, shape: dict, mesh, host_batch: dict, students: str = "both"):
-  """`[compiled step, state, batch, model, temp bytes]` for one model."""
+def bench_model(order: int, shape: dict, students: str = "both", overrides: dict | None = None):
+  """`(model, objective, tx)` of the paper's config at `order`, resized to
+  `shape`, with `overrides` of `config.model` fields (e.g. `scan`, `remat`)."""
   c = config_lib.paper(order=order, students=students)
-  c.model.update(**shape["model"], dtype=shape["dtype"])
+  c.model.update(**shape["model"], dtype=shape["dtype"], **(overrides or {}))
   model = build_model(c, {"vocab_size": VOCAB_SIZE, "eot_id": EOT_ID})
   objective = Objective(**c.objective.to_dict())
   tx = optim.adamw(optim.learning_rate(c.optim.lr, 1, 100), c.optim.weight_decay)
-  state, shardings = init_state(model, tx, mesh, host_batch["image"][:1],
-                                host_batch["tokens"][:1], objective=objective)
-  # Past the staged warm start (one step per "epoch"), every order is active.
-  state = state.replace(step=jax.device_put(jnp.int32(WARM_START_EPOCHS[1]), shardings.step))
+  return model, objective, tx
+
+
+def random_state(model, tx, mesh, image_size: int, objective: Objective, seed: int = 0):
+  """`(state, shardings)` with parameters drawn straight from the abstract
+  shapes (normal, scaled by 0.02; the values do not matter for timing), so
+  no initialiser is compiled on the device. Past the staged warm start (one
+  step per "epoch"), so every order is active."""
+  _, shardings = state_initializer(model, tx, mesh, image_size, seed, objective)
+  abstract = jax.eval_shape(model.init, jax.random.key(seed),
+                            *abstract_inputs(image_size))["params"]
+  leaves, treedef = jax.tree.flatten(abstract)
+
+  def draw(key):
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([0.02 * jax.random.normal(k, x.shape, x.dtype)
+                              for k, x in zip(keys, leaves)])
+  params = jax.jit(draw, out_shardings=shardings.params)(jax.random.key(seed))
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  step = jax.device_put(jnp.int32(WARM_START_EPOCHS[1]), shardings.step)
+  return TrainState(step, params, opt_state, {}), shardings   # no ALIP statistics
+
+
+def compile_step(order: int, shape: dict, mesh, host_batch: dict, students: str = "both",
+                 overrides: dict | None = None):
+  """`[compiled step, state, batch, model, temp bytes]` for one model."""
+  model, objective, tx = bench_model(order, shape, students, overrides)
+  state, shardings = random_state(model, tx, mesh, shape["image_size"], objective)
   step = make_train_step(model, tx, objective, mesh, shardings, steps_per_epoch=1, epochs=64)
   batch = parallel.global_batch(mesh, host_batch)
   compiled = step.lower(state, batch).compile()
@@ -102,9 +128,11 @@ def _run_steps(run, count):
 
 def measure(models: dict, shape_name: str, *, rows: int | None = None, rounds: int = 3,
             repeats: int = 3, peak: float | None = None,
-            profile: tuple[str, str] | None = None) -> list[dict]:
+            profile: tuple[str, str] | None = None,
+            overrides: dict | None = None) -> list[dict]:
   """Times each of `models` (`label: (order, students)`) and returns one row
-  each: median ms, temporaries, FLOPs, TFLOP/s, MFU.
+  each: median ms, temporaries, FLOPs, TFLOP/s, MFU. `overrides` change
+  `config.model` fields of every model (`bench_model`).
   `profile = (label, directory)` writes a profiler trace of three steps
   (TensorBoard's `*.xplane.pb` and Perfetto's `perfetto_trace.json.gz`)."""
   shape = SHAPES[shape_name]
@@ -112,7 +140,7 @@ def measure(models: dict, shape_name: str, *, rows: int | None = None, rounds: i
   devices = mesh.devices.size
   rows = rows or shape["rows"]
   host = synthetic_batch(rows * devices, shape["image_size"], shape["teacher"])
-  runs = {label: compile_step(order, shape, mesh, host, students)
+  runs = {label: compile_step(order, shape, mesh, host, students, overrides)
           for label, (order, students) in models.items()}
   times = {label: [] for label in runs}
   for run in runs.values():

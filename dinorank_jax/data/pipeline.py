@@ -5,11 +5,12 @@
     the stream position), in threads
     → batch of the per-process size → optional worker processes + prefetch
 
-and, on the device, `align_teacher_grid` resamples each teacher patch grid
-into its image's crop box, flipped like the image. The host ships the grid
-as stored plus the crop (`crop` = `(x0, y0, w, h)` as fractions of the
-stored image, `flip`): the resampling is a small gather-and-lerp that costs
-the accelerator nothing and took a quarter of the host's time per record.
+and, on the device, `losses.distill.align_teacher_grid` resamples each
+teacher patch grid into its image's crop box, flipped like the image. The
+host ships the grid as stored plus the crop (`crop` = `(x0, y0, w, h)` as
+fractions of the stored image, `flip`): the resampling is a small
+gather-and-lerp that costs the accelerator nothing and took a quarter of the
+host's time per record.
 
 The stream is endless (epochs follow one another, reshuffled); the trainer
 takes a fixed number of steps, so every process yields the same number of
@@ -18,14 +19,6 @@ batches and the collectives never wait on a short shard. The iterator's
 to decode is logged with the reason, dropped and counted (`batch["skipped"]`
 sums to the skips of that batch); when more than half of the first 100+
 records fail, the pipeline raises instead of silently yielding nothing.
-
-Crop alignment. The teacher saw the whole stored image resized to its square
-input, so teacher cell `(i, j)` of an `h_t × w_t` grid is centred at the
-image fraction `((j + ½)/w_t, (i + ½)/h_t)`. Student token `(a, b)` of an
-`h_s × w_s` grid looks at the crop `(x0, y0, w, h)`; its centre is the
-fraction `(x0 + x' w, y0 + (a + ½)/h_s · h)` with `x' = (b + ½)/w_s`, or
-`1 − (b + ½)/w_s` when flipped. The target is the teacher grid sampled
-bilinearly (edges clamped) at that point.
 """
 
 import io
@@ -33,8 +26,6 @@ import logging
 import math
 
 import grain
-import jax
-import jax.numpy as jnp
 from absl import flags
 import numpy as np
 from PIL import Image
@@ -55,39 +46,6 @@ def crop_box(rng: np.random.Generator, width: int, height: int,
       return rng.uniform(0, width - w), rng.uniform(0, height - h), w, h
   side = min(width, height)
   return (width - side) / 2, (height - side) / 2, side, side
-
-
-def token_centres(crop, grid, flip):
-  """Image-fraction centres `(x, y)`, each `[..., h_s, w_s]`, of the student
-  tokens; `crop` `[..., 4]`, `flip` `[...]` (NumPy or JAX arrays)."""
-  xp = jnp if isinstance(crop, jax.Array) else np
-  rows, cols = grid
-  fx = (xp.arange(cols) + 0.5) / cols                                   # [w_s]
-  fy = (xp.arange(rows) + 0.5) / rows                                   # [h_s]
-  fx = xp.where(xp.asarray(flip)[..., None, None], 1.0 - fx, fx)        # [..., 1, w_s]
-  x = crop[..., 0, None, None] + fx * crop[..., 2, None, None]
-  y = crop[..., 1, None, None] + fy[:, None] * crop[..., 3, None, None]  # [..., h_s, 1]
-  shape = crop.shape[:-1] + (rows, cols)
-  return xp.broadcast_to(x, shape), xp.broadcast_to(y, shape)
-
-
-def align_teacher_grid(grid: jax.Array, crop: jax.Array, flip: jax.Array,
-                       student_grid: tuple[int, int]) -> jax.Array:
-  """Teacher grids `[B, h_t, w_t, k]` resampled onto the student tokens of
-  each crop: `[B, h_s · w_s, k]` float32 (bilinear, edges clamped)."""
-  b, h_t, w_t, k = grid.shape
-  x, y = token_centres(crop.astype(jnp.float32), student_grid, flip)
-  u = jnp.clip(x * w_t - 0.5, 0, w_t - 1)
-  v = jnp.clip(y * h_t - 0.5, 0, h_t - 1)
-  u0, v0 = jnp.floor(u).astype(jnp.int32), jnp.floor(v).astype(jnp.int32)
-  u1, v1 = jnp.minimum(u0 + 1, w_t - 1), jnp.minimum(v0 + 1, h_t - 1)
-  du, dv = (u - u0)[..., None], (v - v0)[..., None]
-  flat = grid.reshape(b, h_t * w_t, k).astype(jnp.float32)
-  at = lambda vv, uu: jnp.take_along_axis(flat, (vv * w_t + uu).reshape(b, -1, 1), axis=1
-                                          ).reshape(*vv.shape, k)
-  out = ((1 - dv) * ((1 - du) * at(v0, u0) + du * at(v0, u1))
-         + dv * ((1 - du) * at(v1, u0) + du * at(v1, u1)))
-  return out.reshape(b, -1, k)
 
 
 class Decode(grain.transforms.Map):

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from dinorank_jax import export
+from dinorank_jax import compilation, export
 from dinorank_jax.evaluate import report, suites
 
 
@@ -45,12 +45,14 @@ def main(argv=None):
   p.add_argument("--batch_size", type=int, default=256)
   p.add_argument("--probe_limit", type=int, default=suites.PROBE_LIMIT,
                  help="training examples a linear probe embeds at most")
+  compilation.add_cache_flags(p)
   args = p.parse_args(argv)
   if bool(args.model) == bool(args.compare):
     p.error("give --model (to evaluate) or --compare (to merge reports), not both")
   if args.compare:
     results = report.merge(args.compare)
   else:
+    compilation.use_cache_from_flags(args)
     try:
       names = suites.expand(args.suite.split(","))
     except ValueError as e:

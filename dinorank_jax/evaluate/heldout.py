@@ -19,7 +19,6 @@ is `python -m dinorank_jax.evaluate`.
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from grain.sources import ArrayRecordDataSource
 from jax.experimental import multihost_utils
@@ -31,7 +30,7 @@ from dinorank_jax.data.tokenizer import CONTEXT_LENGTH, TextTokenizer
 from dinorank_jax.evaluate import metrics as metrics_lib
 from dinorank_jax.evaluate.prompts import SYNTHETIC_TEMPLATES, class_embeddings
 from dinorank_jax.models import DinoRankCLIP
-from dinorank_jax.step import normalise_images
+from dinorank_jax.models.vit import normalise_images
 
 
 def sharded_map(fn, params, mesh, n: int, load, batch_size: int) -> dict:

@@ -28,7 +28,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from dinorank_jax.data.pipeline import align_teacher_grid
+from dinorank_jax.losses.distill import align_teacher_grid
 from dinorank_jax.evaluate import metrics, probe
 from dinorank_jax.evaluate.prompts import SYNTHETIC_TEMPLATES, class_embeddings, imagenet_templates
 from dinorank_jax.evaluate.sources import NotFound, folder_split, records_split, tfds_split

@@ -12,20 +12,65 @@ return float32 `(loss, metrics)`:
   `mse`, `cosine`, `rkd`, `crd`.
 
 Text tokens of the student and the teacher come from different tokenisers;
-`masked_adaptive_avg_pool` (from `models.pooling`) brings both to `L_t`
-slots first.
+`masked_adaptive_avg_pool` (from `dinorank_jax.pooling`) brings both to
+`L_t` slots first. Image tokens of the student look at a random crop of the
+image the teacher saw whole: `align_teacher_grid` resamples the teacher's
+patch grid onto them.
+
+Crop alignment. The teacher saw the whole stored image resized to its square
+input, so teacher cell `(i, j)` of an `h_t × w_t` grid is centred at the
+image fraction `((j + ½)/w_t, (i + ½)/h_t)`. Student token `(a, b)` of an
+`h_s × w_s` grid looks at the crop `(x0, y0, w, h)`; its centre is the
+fraction `(x0 + x' w, y0 + (a + ½)/h_s · h)` with `x' = (b + ½)/w_s`, or
+`1 − (b + ½)/w_s` when flipped. The target is the teacher grid sampled
+bilinearly (edges clamped) at that point.
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from dinorank_jax.models.pooling import masked_adaptive_avg_pool
+from dinorank_jax.pooling import masked_adaptive_avg_pool
 
-__all__ = ["CRITERIA", "distill_loss", "gram_loss", "gram_matrix",
-           "masked_adaptive_avg_pool", "rkd_loss"]
+__all__ = ["CRITERIA", "align_teacher_grid", "distill_loss", "gram_loss", "gram_matrix",
+           "masked_adaptive_avg_pool", "rkd_loss", "token_centres"]
 
 CRITERIA = ("gram_rel", "mse", "cosine", "rkd", "crd")
 PROJECTED = ("mse", "cosine", "crd")   # need the student projected to the teacher width
+
+
+def token_centres(crop, grid, flip):
+  """Image-fraction centres `(x, y)`, each `[..., h_s, w_s]`, of the student
+  tokens; `crop` `[..., 4]` = `(x0, y0, w, h)` fractions, `flip` `[...]`
+  (NumPy or JAX arrays)."""
+  xp = jnp if isinstance(crop, jax.Array) else np
+  rows, cols = grid
+  fx = (xp.arange(cols) + 0.5) / cols                                   # [w_s]
+  fy = (xp.arange(rows) + 0.5) / rows                                   # [h_s]
+  fx = xp.where(xp.asarray(flip)[..., None, None], 1.0 - fx, fx)        # [..., 1, w_s]
+  x = crop[..., 0, None, None] + fx * crop[..., 2, None, None]
+  y = crop[..., 1, None, None] + fy[:, None] * crop[..., 3, None, None]  # [..., h_s, 1]
+  shape = crop.shape[:-1] + (rows, cols)
+  return xp.broadcast_to(x, shape), xp.broadcast_to(y, shape)
+
+
+def align_teacher_grid(grid: jax.Array, crop: jax.Array, flip: jax.Array,
+                       student_grid: tuple[int, int]) -> jax.Array:
+  """Teacher grids `[B, h_t, w_t, k]` resampled onto the student tokens of
+  each crop: `[B, h_s · w_s, k]` float32 (bilinear, edges clamped)."""
+  b, h_t, w_t, k = grid.shape
+  x, y = token_centres(crop.astype(jnp.float32), student_grid, flip)
+  u = jnp.clip(x * w_t - 0.5, 0, w_t - 1)
+  v = jnp.clip(y * h_t - 0.5, 0, h_t - 1)
+  u0, v0 = jnp.floor(u).astype(jnp.int32), jnp.floor(v).astype(jnp.int32)
+  u1, v1 = jnp.minimum(u0 + 1, w_t - 1), jnp.minimum(v0 + 1, h_t - 1)
+  du, dv = (u - u0)[..., None], (v - v0)[..., None]
+  flat = grid.reshape(b, h_t * w_t, k).astype(jnp.float32)
+  at = lambda vv, uu: jnp.take_along_axis(flat, (vv * w_t + uu).reshape(b, -1, 1), axis=1
+                                          ).reshape(*vv.shape, k)
+  out = ((1 - dv) * ((1 - du) * at(v0, u0) + du * at(v0, u1))
+         + dv * ((1 - du) * at(v1, u0) + du * at(v1, u1)))
+  return out.reshape(b, -1, k)
 
 
 def _safe_norm(x, axis=-1, keepdims=False, eps=1e-8):

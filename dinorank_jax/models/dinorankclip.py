@@ -16,18 +16,24 @@ through `list_heads`.
 
 import functools
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dinorank_jax.losses.ranking import HighOrderPL
 from dinorank_jax.models.fusion import Fusion
+from dinorank_jax.models.rank_head import HighOrderPL
 from dinorank_jax.models.text import EOT_ID, VOCAB_SIZE, TextStudent, TextTransformer
 from dinorank_jax.models.vit import ViT
 
 STUDENT_MODES = ("none", "image", "both")
+# The fields of `config.model` that are `DinoRankCLIP`'s constructor
+# arguments: the trainer builds its model from them, an export stores them in
+# `model_config.json`, and the loader rebuilds the model from that file.
+CONFIG_FIELDS = ("embed_dim", "image_trunk", "text_trunk", "image_student", "text_student",
+                 "students", "fusion_mode", "rank_order", "rank_head_dim", "rank_chunk_size",
+                 "scan", "remat", "dtype")
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -65,6 +71,9 @@ class DinoRankCLIP(nn.Module):
       heads (`rank_dtype`: input dtype of their score products).
     image_teacher_dims, text_teacher_dims: `(token width, class width)` of
       the teacher features when a projecting distillation criterion is used.
+    scan: every tower and student runs its blocks as one `nn.scan` with
+      stacked parameters (False: unrolled; `layers.stack_layers` converts).
+    remat: recomputation inside each block, a key of `layers.REMAT_POLICIES`.
   """
   embed_dim: int = 512
   image_trunk: str = "B/32"
@@ -81,6 +90,8 @@ class DinoRankCLIP(nn.Module):
   text_teacher_dims: tuple[int, int] | None = None
   vocab_size: int = VOCAB_SIZE
   eot_id: int = EOT_ID
+  scan: bool = True
+  remat: str = "none"
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
 
@@ -89,11 +100,12 @@ class DinoRankCLIP(nn.Module):
       raise ValueError(f"students must be one of {STUDENT_MODES} (config.model.students), "
                        f"got {self.students!r}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    text_kw = dict(vocab_size=self.vocab_size, eot_id=self.eot_id, **kw)
-    self.image_tower = ViT(self.image_trunk, self.embed_dim, **kw)
+    stack_kw = dict(scan=self.scan, remat=self.remat, **kw)
+    text_kw = dict(vocab_size=self.vocab_size, eot_id=self.eot_id, **stack_kw)
+    self.image_tower = ViT(self.image_trunk, self.embed_dim, **stack_kw)
     self.text_tower = TextTransformer(self.text_trunk, self.embed_dim, **text_kw)
     if self.students != "none":
-      self.image_student_net = ViT(self.image_student, None, **kw)
+      self.image_student_net = ViT(self.image_student, None, **stack_kw)
       self.image_fusion = Fusion(self.fusion_mode, **kw)
       if self.image_teacher_dims:
         self.image_projection = TeacherProjection(*self.image_teacher_dims, **kw)
@@ -161,6 +173,17 @@ class DinoRankCLIP(nn.Module):
   def text_rank(self, pred, ref, items, **kwargs):
     """θ^T: lists whose items are texts."""
     return self.text_rank_head(pred, ref, items, **kwargs)
+
+
+def from_config(fields: Mapping[str, Any], **overrides) -> DinoRankCLIP:
+  """The model of `config.model` (or of an export's `model_config.json`):
+  its `CONFIG_FIELDS` that are present, then `overrides` (the dataset's
+  `vocab_size`, `eot_id`, teacher widths)."""
+  kwargs = {k: fields[k] for k in CONFIG_FIELDS if k in fields}
+  kwargs.update(overrides)
+  if "dtype" in kwargs:
+    kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+  return DinoRankCLIP(**kwargs)
 
 
 def list_heads(model: DinoRankCLIP, variables) -> tuple:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dinorank_jax.models.layers import Block
-from dinorank_jax.models.pooling import adaptive_max_pool
+from dinorank_jax.pooling import adaptive_max_pool
 
 FUSION_MODES = ("concat", "additive", "single_scale", "spp_no_cbam", "spp_no_refiner", "full")
 GATED_MODES = ("single_scale", "spp_no_cbam", "spp_no_refiner", "full")

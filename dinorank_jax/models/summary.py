@@ -19,6 +19,18 @@ def count(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
+def parameter_overview(params) -> str:
+  """A table of every parameter: path, shape and count, then the total."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
+  width = max(map(len, names), default=4)
+  lines = [f"{'name':<{width}}  {'shape':<20}{'count':>12}"]
+  for name, (_, x) in zip(names, leaves):
+    lines.append(f"{name:<{width}}  {str(tuple(x.shape)):<20}{int(np.prod(x.shape)):>12,}")
+  lines.append(f"{'total':<{width}}  {'':<20}{count(params):>12,}")
+  return "\n".join(lines)
+
+
 def abstract_params(model: DinoRankCLIP, image_size: int = 224, batch: int = 2):
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
   tokens = jax.ShapeDtypeStruct((batch, CONTEXT_LENGTH), jnp.int32)

@@ -42,34 +42,41 @@ def padding_mask(tokens: jax.Array, eot_id: int = EOT_ID) -> jax.Array:
 
 
 class _TokenEmbedding(nn.Module):
+  """Token and learned position embeddings, in `dtype`."""
   vocab_size: int
   width: int
+  dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens):
-    x = nn.Embed(self.vocab_size, self.width, param_dtype=self.param_dtype,
+    x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                  embedding_init=nn.initializers.normal(0.02), name="token")(tokens)
     pos = self.param("position", nn.initializers.normal(0.01),
                      (tokens.shape[1], self.width), self.param_dtype)
-    return x + pos
+    return x + pos.astype(self.dtype)
 
 
 class TextTransformer(nn.Module):
-  """Tokens `[B, L]` -> `embedding` `[B, D]` and `tokens` `[B, L, w]`."""
+  """Tokens `[B, L]` -> `embedding` `[B, D]` and `tokens` `[B, L, w]`.
+
+  `scan`, `remat`: how the encoder stacks its blocks (`layers.Encoder`)."""
   variant: str = "B"
   embed_dim: int = 512
   vocab_size: int = VOCAB_SIZE
   eot_id: int = EOT_ID
+  scan: bool = True
+  remat: str = "none"
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> dict[str, jax.Array]:
     width, depth, heads = text_size(self.variant)
-    x = _TokenEmbedding(self.vocab_size, width, self.param_dtype, name="embed")(tokens)
-    x = Encoder(depth, heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="encoder")(x.astype(self.dtype), nn.make_causal_mask(tokens))
+    x = _TokenEmbedding(self.vocab_size, width, self.dtype, self.param_dtype,
+                        name="embed")(tokens)
+    x = Encoder(depth, heads, scan=self.scan, remat=self.remat, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="encoder")(x, nn.make_causal_mask(tokens))
     pooled = jnp.take_along_axis(x, eot_index(tokens, self.eot_id)[:, None, None], axis=1)[:, 0]
     embedding = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="projection")(pooled)
@@ -77,10 +84,14 @@ class TextTransformer(nn.Module):
 
 
 class TextStudent(nn.Module):
-  """Tokens `[B, L]` -> `cls` `[B, w]`, `tokens` `[B, L, w]`, `mask` `[B, L]`."""
+  """Tokens `[B, L]` -> `cls` `[B, w]`, `tokens` `[B, L, w]`, `mask` `[B, L]`.
+
+  `scan`, `remat`: how the encoder stacks its blocks (`layers.Encoder`)."""
   variant: str = "Ti"
   vocab_size: int = VOCAB_SIZE
   eot_id: int = EOT_ID
+  scan: bool = True
+  remat: str = "none"
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
 
@@ -89,11 +100,12 @@ class TextStudent(nn.Module):
     width, depth, heads = text_size(self.variant)
     b = tokens.shape[0]
     mask = padding_mask(tokens, self.eot_id)
-    x = _TokenEmbedding(self.vocab_size, width, self.param_dtype, name="embed")(tokens)
+    x = _TokenEmbedding(self.vocab_size, width, self.dtype, self.param_dtype,
+                        name="embed")(tokens)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, width), self.param_dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, width)), x], axis=1).astype(self.dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, width)).astype(x.dtype), x], axis=1)
     keys = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
     attention_mask = nn.make_attention_mask(jnp.ones_like(keys), keys)
-    x = Encoder(depth, heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="encoder")(x, attention_mask)
+    x = Encoder(depth, heads, scan=self.scan, remat=self.remat, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="encoder")(x, attention_mask)
     return {"cls": x[:, 0], "tokens": x[:, 1:], "mask": mask}

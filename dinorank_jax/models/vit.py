@@ -13,6 +13,10 @@ import jax.numpy as jnp
 
 from dinorank_jax.models.layers import Encoder
 
+# CLIP's image normalisation, the towers' input convention.
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
 # name: (width, depth, heads); the MLP is 4x the width.
 VIT_SIZES = {
     "tiny": (32, 2, 2),
@@ -32,6 +36,12 @@ def vit_size(variant: str) -> tuple[int, int, int, int]:
   return (*VIT_SIZES[size], int(patch))
 
 
+def normalise_images(images: jax.Array) -> jax.Array:
+  """uint8 `[B, H, W, 3]` -> float32, CLIP mean/std (the towers' input)."""
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(IMAGE_MEAN)) / jnp.asarray(IMAGE_STD)
+
+
 class ViT(nn.Module):
   """Images `[B, H, W, 3]` -> class token, patch tokens and embedding.
 
@@ -39,9 +49,12 @@ class ViT(nn.Module):
     variant: e.g. `"B/32"`.
     embed_dim: width of the projected class-token embedding (no bias, as in
       CLIP); None for the students, which return tokens only.
+    scan, remat: how the encoder stacks its blocks (`layers.Encoder`).
   """
   variant: str
   embed_dim: int | None = None
+  scan: bool = True
+  remat: str = "none"
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
 
@@ -56,9 +69,11 @@ class ViT(nn.Module):
     x = x.reshape(b, -1, width)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, width), self.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, width)).astype(x.dtype), x], axis=1)
-    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), x.shape[1:],
-                       self.param_dtype)
-    x = Encoder(depth, heads, dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(x)
+    pos = self.param("pos_embedding", nn.initializers.normal(0.02), x.shape[1:],
+                     self.param_dtype)
+    x = x + pos.astype(x.dtype)       # a float32 add would lift the whole stream to float32
+    x = Encoder(depth, heads, scan=self.scan, remat=self.remat, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="encoder")(x)
     out = {"cls": x[:, 0], "tokens": x[:, 1:]}
     if self.embed_dim is not None:
       out["embedding"] = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
