@@ -94,9 +94,8 @@ def random_state(model, tx, mesh, image_size: int, objective: Objective, seed: i
   shapes (normal, scaled by 0.02; the values do not matter for timing), so
   no initialiser is compiled on the device. Past the staged warm start (one
   step per "epoch"), so every order is active."""
-  _, shardings = state_initializer(model, tx, mesh, image_size, seed, objective)
-  abstract = jax.eval_shape(model.init, jax.random.key(seed),
-                            *abstract_inputs(image_size))["params"]
+  init, shardings = state_initializer(model, tx, mesh, image_size, seed, objective)
+  abstract = jax.eval_shape(init, *abstract_inputs(image_size)).params
   leaves, treedef = jax.tree.flatten(abstract)
 
   def draw(key):
