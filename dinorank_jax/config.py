@@ -38,6 +38,7 @@ def paper(*, order: int = 3, epochs: int = 64, students: str = "both",
   c.data.threads = 16                       # decoding threads per process
   c.data.worker_count = 0                   # Grain worker processes per process
   c.data.prepare = ""                       # "synthetic": build the demo corpus if absent
+  c.data.max_skip_fraction = 0.01           # bad records tolerated (skipped, counted, named)
 
   c.model = ConfigDict()
   c.model.embed_dim = 512
@@ -59,6 +60,7 @@ def paper(*, order: int = 3, epochs: int = 64, students: str = "both",
   c.objective.rank_schedule = "cosine"
   c.objective.list_len = FieldReference(None, field_type=int)
   c.objective.high_order_len = FieldReference(128, field_type=int)
+  c.objective.pl_eps = 0.0                  # > 0: RankCLIP's published ListMLE (docs/ranking.md)
   c.objective.rank_scope = "global"
   c.objective.alpha_image = 1.0
   c.objective.alpha_text = 0.5

@@ -4,9 +4,11 @@
 
 writes `DIR/params` (an orbax checkpoint of the parameters that embed:
 trunks, students, fusion and the logit scale; no optimiser state, no rank
-heads, no teacher projections) and `DIR/model_config.json` (the model's
+heads, no teacher projections), `DIR/model_config.json` (the model's
 constructor arguments, the input side, the tokenizer reference and where the
-parameters came from). The model's vocabulary and teacher widths are read
+parameters came from) and `DIR/manifest.json` (the SHA-256 and size of every
+file under `params/`, checked by `load`: a damaged or altered export is
+refused in one line instead of embedding garbage). The model's vocabulary and teacher widths are read
 from the run's dataset metadata (`config.data.path`, or `--data`).
 
     import dinorank_jax
@@ -19,7 +21,9 @@ computed in fixed-size jitted batches (the last one padded).
 """
 
 import argparse
+import hashlib
 import json
+import logging
 import os
 
 import jax
@@ -28,6 +32,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dinorank_jax import errors
 from dinorank_jax.data import records
 from dinorank_jax.data.tokenizer import CLIP_BPE_ID, CONTEXT_LENGTH, TextTokenizer
 from dinorank_jax.models import CONFIG_FIELDS, DinoRankCLIP, from_config
@@ -38,6 +43,54 @@ from dinorank_jax.models.vit import normalise_images
 # converted by `stack_layers` on load.
 FORMAT_VERSION = 2
 CONFIG_FILE = "model_config.json"
+MANIFEST = "manifest.json"
+
+
+class DamagedExport(errors.UserError, ValueError):
+  """An export whose files do not match its manifest."""
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def manifest(directory: str) -> dict[str, dict]:
+  """`{relative path: {"sha256", "bytes"}}` of every file under `directory/params`."""
+  root = os.path.join(directory, "params")
+  out = {}
+  for folder, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(folder, name)
+      out[os.path.relpath(path, directory)] = {"sha256": _sha256(path),
+                                               "bytes": os.path.getsize(path)}
+  return dict(sorted(out.items()))
+
+
+def verify(directory: str) -> None:
+  """Raises `DamagedExport` unless the files under `params/` are the manifest's."""
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    logging.warning("%s has no %s (exported before checksums): not verified", directory,
+                    MANIFEST)
+    return
+  with open(path) as f:
+    expected = json.load(f)
+  found = manifest(directory)
+  for name in sorted(expected.keys() | found.keys()):
+    if name not in found:
+      why = "is missing"
+    elif name not in expected:
+      why = "is not in the manifest"
+    elif found[name] != expected[name]:
+      why = "differs from the manifest (damaged or altered since the export)"
+    else:
+      continue
+    raise DamagedExport(f"{os.path.join(directory, name)} {why}: export the run again "
+                        "(python -m dinorank_jax.export)")
 
 
 def _on_one_device(tree):
@@ -52,7 +105,7 @@ def trained_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
   manager = ocp.CheckpointManager(directory)
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
-    raise SystemExit(f"error: no checkpoint {'' if step is None else step} in {directory}: "
+    raise errors.UserError(f"no checkpoint {'' if step is None else step} in {directory}: "
                      "train the run first, or pass --step with one of "
                      f"{sorted(manager.all_steps())}")
   path = os.path.join(directory, str(step), "state")
@@ -63,13 +116,17 @@ def trained_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
 
 def export(workdir: str, out: str, *, step: int | None = None, data: str | None = None) -> dict:
   """Writes the inference export of `workdir` to `out`; returns its config."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except FileNotFoundError:
+    raise errors.UserError(f"no training run at --workdir {workdir} (no config.json): "
+                           "pass the directory python -m dinorank_jax.main trained in") from None
   data = data or config.data.path
   try:
     meta = records.read_metadata(data)
   except FileNotFoundError:
-    raise SystemExit(f"error: the run's dataset {data!r} has no {records.METADATA}: pass "
+    raise errors.UserError(f"the run's dataset {data!r} has no {records.METADATA}: pass "
                      "--data with the records it trained on (for the vocabulary)") from None
   params, step = trained_params(workdir, step)
   # Runs from before `config.model.scan` existed trained unrolled encoders;
@@ -92,6 +149,7 @@ def export(workdir: str, out: str, *, step: int | None = None, data: str | None 
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(os.path.abspath(out), "params"), params, force=True)
   checkpointer.wait_until_finished()
+  records.write_json(os.path.join(out, MANIFEST), manifest(out))
   records.write_json(os.path.join(out, CONFIG_FILE), model_config)
   return model_config
 
@@ -170,12 +228,18 @@ class ExportedModel:
 
 
 def load(directory: str, *, batch_size: int = 256) -> ExportedModel:
-  """The export at `directory` (written by `export`), on the default device."""
-  with open(os.path.join(directory, CONFIG_FILE)) as f:
+  """The export at `directory` (written by `export`), on the default device;
+  its files are checked against its manifest first."""
+  config_path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise errors.UserError(f"no export at {directory} (no {CONFIG_FILE}): write one with "
+                           "python -m dinorank_jax.export --workdir RUN --out DIR")
+  verify(directory)
+  with open(config_path) as f:
     model_config = json.load(f)
   version = model_config.get("format_version")
   if version not in (1, FORMAT_VERSION):
-    raise ValueError(f"{directory}: export format {version}, this code reads 1 and "
+    raise errors.UserError(f"{directory}: export format {version}, this code reads 1 and "
                      f"{FORMAT_VERSION}; export the run again (python -m dinorank_jax.export)")
   model = _model(model_config, scan=True)
   stored = _model(model_config, scan=version == FORMAT_VERSION)
@@ -185,6 +249,7 @@ def load(directory: str, *, batch_size: int = 256) -> ExportedModel:
   return ExportedModel(model, stack_layers(params), model_config, batch_size)
 
 
+@errors.guard
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True, help="the training run's directory")

@@ -45,7 +45,7 @@ def rank_weight(schedule: str, step, steps_per_epoch: int, epochs: int,
     w = 0.5 * (1.0 - jnp.cos(jnp.pi * jnp.minimum(step, total) / total))
   else:
     raise ValueError(f"unknown rank schedule {schedule!r}: one of {RANK_SCHEDULES} "
-                     "(config.rank.schedule)")
+                     "(config.objective.rank_schedule)")
   return lambda_max * w
 
 

@@ -36,6 +36,7 @@ from dinorank_jax.losses.ranking import gate_penalty, rank_losses
 from dinorank_jax.models import DinoRankCLIP, list_heads
 from dinorank_jax.models.vit import normalise_images, vit_size
 from dinorank_jax.pooling import masked_adaptive_avg_pool
+from dinorank_jax.data.records import SKIP_REASONS
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH
 from dinorank_jax.parallel import BATCH, state_shardings
 
@@ -46,6 +47,7 @@ class Objective:
   rank_schedule: str = "cosine"
   list_len: int | None = None
   high_order_len: int | None = 128
+  pl_eps: float = 0.0               # RankCLIP's published ListMLE eps; 0 is exact
   rank_scope: str = "global"
   alpha_image: float = 1.0
   alpha_text: float = 0.5
@@ -86,7 +88,8 @@ def _local_losses(objective, model, params, out, batch, scale, key, active, stat
   cross, in_modal = rank_losses(
       out["image"], out["text"], scale, image_head=image_head, text_head=text_head,
       axis_name=BATCH, scope=objective.rank_scope, tie_key=tie_key, active_order=active,
-      list_len=objective.list_len, high_order_len=objective.high_order_len)
+      list_len=objective.list_len, high_order_len=objective.high_order_len,
+      pl_eps=objective.pl_eps)
   terms = {"clip": clip, "rank_cross": cross, "rank_in": in_modal}
   if objective.cyclic_in or objective.cyclic_cross:
     terms["cyclic_in"], terms["cyclic_cross"] = cyclic_losses(out["image"], out["text"], BATCH)
@@ -187,7 +190,8 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
       opt_state = jax.tree.map(keep, opt_state, state.opt_state)
       stats = jax.tree.map(keep, stats, state.stats)
     metrics["finite"] = finite
-    metrics["data_skipped"] = jnp.sum(batch["skipped"]) if "skipped" in batch else 0
+    metrics["data_skipped"] = (jnp.sum(batch["skipped"], axis=0) if "skipped" in batch
+                               else jnp.zeros(len(SKIP_REASONS), jnp.int32))
     return TrainState(state.step + 1, params, opt_state, stats), metrics
 
   return jax.jit(step_fn, in_shardings=(state_sharding, NamedSharding(mesh, batch_spec)),

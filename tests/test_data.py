@@ -30,12 +30,23 @@ def _build_args(**kw):
   return args
 
 
-def _write_dataset(directory, recs, shard_size=8):
+EOT = 49407
+
+
+def _tokens(fill=0):
+  """Token ids all `fill` but the last, an end-of-text (a valid caption)."""
+  tokens = np.full(77, fill, np.int32)
+  tokens[-1] = EOT
+  return tokens
+
+
+def _write_dataset(directory, recs, shard_size=8, teacher=None):
   os.makedirs(directory, exist_ok=True)
   shards = [records.write_shard(directory, i, recs[s:s + shard_size], {})
             for i, s in enumerate(range(0, len(recs), shard_size))]
   records.write_json(os.path.join(directory, records.METADATA),
-                     {"schema_version": records.SCHEMA_VERSION,
+                     {"schema_version": records.SCHEMA_VERSION, "vocab_size": EOT + 1,
+                      "eot_id": EOT, "context_length": 77, "teacher": teacher,
                       "shards": [{"file": s["file"], "count": s["count"]} for s in shards]})
 
 
@@ -74,7 +85,7 @@ def test_crop_alignment_of_image_and_teacher_grid():
         "teacher_text_mask": np.ones(2, bool), "teacher_text_pooled": np.zeros(3, np.float16)})
     decode = pipeline.Decode(image_size=64, seed=5, crop_scale=(0.1, 1.0))
     for position in range(40):
-      example = decode.map((position, record))
+      example = decode.map((position, (0, record)))
       target = np.asarray(distill.align_teacher_grid(
           jnp.asarray(example["teacher_patches"])[None], jnp.asarray(example["crop"])[None],
           jnp.asarray(example["flip"])[None], grid))[0].reshape(*grid, 2)
@@ -92,7 +103,7 @@ def test_crop_alignment_of_image_and_teacher_grid():
       clamped = np.clip(exact, 0.5 / w_t, 1 - 0.5 / w_t)
       np.testing.assert_allclose(target, clamped, atol=2e-3)
   # Both flips occurred: the x-ramp in the image runs both ways across seeds.
-  directions = {np.sign(pipeline.Decode(64).map((i, record))["image"][32, -1, 0].astype(int) - 128)
+  directions = {np.sign(pipeline.Decode(64).map((i, (0, record)))["image"][32, -1, 0].astype(int) - 128)
                 for i in range(20)}
   assert directions == {-1, 1}
 
@@ -112,7 +123,7 @@ def _ids(batches):
 def test_processes_read_their_rows_of_the_same_global_batches(tmp_path):
   directory = str(tmp_path / "ids")
   recs = [{"key": f"{i}", "jpeg": _jpeg(np.full((8, 8, 3), i, np.uint8)), "caption": "x",
-           "tokens": np.full(77, i, np.int32)} for i in range(40)]
+           "tokens": _tokens(i)} for i in range(40)]
   _write_dataset(directory, recs)
   make = lambda p, n: iter(pipeline.make_dataset(directory, batch_size=8 // n, image_size=8,
                                                  seed=3, shard_index=p, shard_count=n))
@@ -218,18 +229,21 @@ def test_synthetic_captions_from_every_source_reach_alip_batches(tmp_path):
 
 def test_pipeline_skips_bad_records_and_fails_on_a_broken_source(tmp_path):
   good = {"key": "g", "jpeg": _jpeg(np.zeros((8, 8, 3), np.uint8)), "caption": "x",
-          "tokens": np.zeros(77, np.int32)}
+          "tokens": _tokens()}
   bad = {**good, "jpeg": b"garbage"}
   _write_dataset(str(tmp_path / "few"), [good] * 30 + [bad] * 2)
   loader = iter(pipeline.make_dataset(str(tmp_path / "few"), batch_size=16, image_size=8,
                                      seed=0))
   batches = [next(loader) for _ in range(4)]   # 64 good: all of epochs 1-2, part of 3
   assert all(len(b["tokens"]) == 16 for b in batches)
-  assert 4 <= sum(int(b["skipped"].sum()) for b in batches) <= 6
+  corrupt = records.SKIP_REASONS.index("corrupt")
+  assert 4 <= sum(int(b["skipped"][:, corrupt].sum()) for b in batches) <= 6
+  assert sum(int(b["skipped"].sum()) for b in batches) == sum(
+      int(b["skipped"][:, corrupt].sum()) for b in batches)
   _write_dataset(str(tmp_path / "broken"), [bad] * 120)
   loader = pipeline.make_dataset(str(tmp_path / "broken"), batch_size=4, image_size=8,
                                 seed=0)
-  with pytest.raises(RuntimeError, match="rebuild it"):
+  with pytest.raises(records.DataError, match="max_skip_fraction=0.01.*data.verify"):
     next(iter(loader))
 
 
@@ -263,7 +277,7 @@ def test_teacher_export_on_the_tiny_teacher(tmp_path):
   out = str(tmp_path / "teacher")
   meta = export.export(argparse.Namespace(
       data=directory, out=out, image_teacher=export.TINY_TEACHER, text_teacher=export.MINILM,
-      image_size=64, pca_dim=256, pca_images=16, text_length=16, batch_size=8))
+      image_size=64, pca_dim=256, pca_images=16, text_length=16, batch_size=8, overwrite=False))
   assert meta["teacher"]["grid"] == [4, 4] and meta["teacher"]["pca_dim"] == 64
   rec = records.decode_record(records.read_shard(records.shard_paths(out)[0])[0])
   assert rec["teacher_patches"].shape == (4, 4, 64) and rec["teacher_patches"].dtype == np.float16

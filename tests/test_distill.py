@@ -90,7 +90,7 @@ def test_gram_rel_is_gram_plus_beta_relational():
 
 def test_bad_criterion_and_missing_projection_name_the_fix():
   student, teacher = _branch()
-  with pytest.raises(ValueError, match="config.distill.criterion"):
+  with pytest.raises(ValueError, match="config.objective.criterion"):
     distill_loss("kl", student, teacher, key=jax.random.key(0))
   bare = {"tokens": student["tokens"], "cls": student["cls"]}
   with pytest.raises(ValueError, match="teacher_dims"):

@@ -54,7 +54,8 @@ def test_zero_shot_is_exact_for_identical_embeddings_and_chance_for_random(tmp_p
   # ImageNet-R's protocol: only the classes that occur compete (here 2 of 4).
   names = [c.replace("_", " ") for c in CLASSES]
   model, embedded = OneHotModel(), {"tasks": {"label": names}, "labels": {"label": np.array([3, 1])},
-                                    "image": np.eye(8, dtype=np.float32)[[0, 0]]}
+                                    "image": np.eye(8, dtype=np.float32)[[0, 0]]
+                                             + 0.5 * np.eye(8, dtype=np.float32)[[1, 1]]}
   assert suites.zero_shot(model, embedded, ["{}"])["label/top1"] == 0.0     # class 0 wins
   assert suites.zero_shot(model, embedded, ["{}"], present_only=True)["label/top1"] == 0.5
   assert suites.ZERO_SHOT["imagenet_r"].present_only and not suites.ZERO_SHOT["imagenet"].present_only
@@ -69,20 +70,25 @@ def test_zero_shot_is_exact_for_identical_embeddings_and_chance_for_random(tmp_p
 
 def test_retrieval_recall_equals_hand_computed_values_with_ties():
   # image i · caption j = S[i, j] (image rows are the identity); caption j describes image j.
-  s = np.array([[0.9, 0.9, 0.1, 0.0, 0.0],    # tie with a later caption: rank 0
+  # Ties are pessimistic: every other caption scoring >= the true one ranks first.
+  s = np.array([[0.9, 0.9, 0.1, 0.0, 0.0],    # tie with a later caption: rank 1
                 [0.8, 0.5, 0.8, 0.1, 0.0],    # two above: rank 2
-                [0.2, 0.2, 0.2, 0.2, 0.1],    # tied with two earlier, one later: rank 2
+                [0.2, 0.2, 0.2, 0.2, 0.1],    # tied with two earlier, one later: rank 3
                 [0.0, 0.0, 0.7, 0.7, 0.0],    # tied with an earlier caption: rank 1
                 [0.3, 0.0, 0.0, 0.0, 0.6]])   # rank 0
-  # i2t ranks 0, 2, 2, 1, 0; t2i (columns) ranks 0, 1, 2, 0, 0.
+  # i2t ranks 1, 2, 3, 1, 0; t2i (columns) ranks 0, 1, 2, 0, 0.
   got = metrics.retrieval(np.eye(5), s.T, np.arange(5), ks=(1, 2, 3))
-  assert got == pytest.approx({"i2t_r1": 0.4, "i2t_r2": 0.6, "i2t_r3": 1.0,
+  assert got == pytest.approx({"i2t_r1": 0.2, "i2t_r2": 0.6, "i2t_r3": 0.8,
                                "t2i_r1": 0.6, "t2i_r2": 0.8, "t2i_r3": 1.0})
   # Several captions per image: a hit is any of them in the top k.
   s = np.array([[0.1, 0.5, 0.9],     # image 0 owns captions 0 and 1: best is 1, rank 1
                 [0.6, 0.2, 0.3]])    # image 1 owns caption 2: rank 1
   got = metrics.retrieval(np.eye(2), s.T, np.array([0, 0, 1]), ks=(1, 2))
   assert got == pytest.approx({"i2t_r1": 0.0, "i2t_r2": 1.0, "t2i_r1": 1 / 3, "t2i_r2": 1.0})
+  # Two positives tied with each other do not push each other down.
+  s = np.array([[0.5, 0.5, 0.2], [0.1, 0.1, 0.9]])
+  got = metrics.retrieval(np.eye(2), s.T, np.array([0, 0, 1]), ks=(1,))
+  assert got["i2t_r1"] == 1.0
 
 
 def test_linear_probe_separates_separable_features():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import dinorank_jax
-from dinorank_jax import export, train
+from dinorank_jax import errors, export, train
 from dinorank_jax.data import records
 from dinorank_jax.data.tokenizer import TextTokenizer
 from dinorank_jax.models import DinoRankCLIP
@@ -54,9 +54,19 @@ def test_export_round_trip_equals_the_trained_model(tmp_path):
   assert loaded.logit_scale == pytest.approx(float(np.exp(params["logit_scale"])))
   # Another side is resized to the export's.
   assert loaded.encode_image(np.repeat(np.repeat(images, 2, 1), 2, 2)).shape == text.shape
+  # One flipped byte in the parameters: refused in one line, never embedded.
+  name, entry = max(json.load(open(os.path.join(out, export.MANIFEST))).items(),
+                    key=lambda item: item[1]["bytes"])
+  with open(os.path.join(out, name), "r+b") as f:
+    f.seek(entry["bytes"] // 2)
+    byte = f.read(1)
+    f.seek(entry["bytes"] // 2)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  with pytest.raises(export.DamagedExport, match=f"{name} differs from the manifest"):
+    dinorank_jax.load(out)
 
 
 def test_export_without_a_checkpoint_names_the_fix(tmp_path):
   (tmp_path / "run").mkdir()
-  with pytest.raises(SystemExit, match="no checkpoint"):
+  with pytest.raises(errors.UserError, match="no checkpoint"):
     export.trained_params(str(tmp_path / "run"))

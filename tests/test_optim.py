@@ -25,7 +25,7 @@ def test_rank_weight_schedules():
   np.testing.assert_allclose(linear, [0.0, 0.0625, 0.125, 0.125])
   cosine = [float(optim.rank_weight("cosine", s, 10, 4, 0.125)) for s in (0, 20, 40, 60)]
   np.testing.assert_allclose(cosine, [0.0, 0.0625, 0.125, 0.125], atol=1e-7)
-  with pytest.raises(ValueError, match="config.rank.schedule"):
+  with pytest.raises(ValueError, match="config.objective.rank_schedule"):
     optim.rank_weight("step", 0, 10, 4, 0.125)
 
 

@@ -204,3 +204,56 @@ def test_bad_lengths_name_the_fix():
     _head(2, pred, ref, items)[0].init(jax.random.key(0), pred, ref, items, high_order_len=-1)
   with pytest.raises(ValueError, match="rank order"):
     HighOrderPL(order=-1).init(jax.random.key(0), pred, ref, items)
+
+
+def _rankclip_listmle(pred, ref, eps):
+  """RankCLIP's published ListMLE (allRank's `listMLE`), re-derived in NumPy
+  float64 from its description: sort by the reference, subtract the row
+  maximum, reverse cumulative sum of exponentials, `log(· + eps)`; summed
+  over positions, mean over rows. No −1 entries occur (no padding)."""
+  pred, ref = np.asarray(pred, np.float64), np.asarray(ref, np.float64)
+  losses = []
+  for p, r in zip(pred, ref):
+    s = p[np.argsort(-r, kind="stable")]
+    s = s - s.max()
+    tails = np.cumsum(np.exp(s)[::-1])[::-1]
+    losses.append(np.sum(np.log(tails + eps) - s))
+  return float(np.mean(losses))
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_pl_eps_reproduces_rankclip_listmle(scale):
+  """`eps=1e-10` gives the authors' value and gradient (finite differences of
+  the NumPy formula); at CLIP's logit scale it differs from the exact
+  likelihood, which `eps=0` is."""
+  with jax.enable_x64(True):
+    rows, m = 4, 12
+    k = jax.random.split(jax.random.key(3), 2)
+    pred = scale * jax.random.uniform(k[0], (rows, m), jnp.float64, -1, 1)
+    ref = jax.random.normal(k[1], (rows, m), jnp.float64)
+    ours = lambda p, eps: jnp.mean(pl_nll(p, ref, eps=eps)) * m   # per-position mean → sum
+    np.testing.assert_allclose(ours(pred, 1e-10), _rankclip_listmle(pred, ref, 1e-10),
+                               rtol=1e-12)
+    exact = _rankclip_listmle(pred, ref, 0.0)
+    np.testing.assert_allclose(ours(pred, 0.0), exact, rtol=1e-12)
+    if scale == 100.0:   # tails below e^-23 ≈ 1e-10 are swamped by eps
+      assert abs(ours(pred, 1e-10) - exact) > 0.05 * exact
+    grad = np.asarray(jax.grad(ours)(pred, 1e-10))
+    h = 1e-6
+    for i, j in [(0, 0), (1, 5), (3, 11)]:
+      bump = np.zeros((rows, m))
+      bump[i, j] = h
+      numeric = (_rankclip_listmle(pred + bump, ref, 1e-10)
+                 - _rankclip_listmle(pred - bump, ref, 1e-10)) / (2 * h)
+      np.testing.assert_allclose(grad[i, j], numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_pl_eps_reaches_the_head_and_spares_corrected_positions():
+  """`HighOrderPL(pl_eps=…)` changes order 1's value as `pl_nll` does."""
+  pred, ref, items = _inputs(3, 9)
+  pred = 30.0 * pred
+  module, params = _head(1, pred, ref, items)
+  np.testing.assert_allclose(module.apply(params, pred, ref, items, pl_eps=1e-10),
+                             pl_nll(pred, ref, eps=1e-10), rtol=1e-6)
+  assert not np.allclose(module.apply(params, pred, ref, items, pl_eps=1e-10),
+                         module.apply(params, pred, ref, items))

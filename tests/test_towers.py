@@ -199,7 +199,7 @@ def test_resuming_an_unrolled_run_with_scanned_stacks_names_the_flag(tmp_path):
   config.model.scan = False
   train.train_and_evaluate(config, str(tmp_path / "run"))
   config.model.scan, config.epochs = True, 2
-  with pytest.raises(train.ConfigError, match=r"^checkpoint 2 in .* holds unrolled encoder "
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r"^checkpoint 2 in .* holds unrolled encoder "
                      r"layers .*: resume it with --config.model.scan=False$"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   config.model.scan = False

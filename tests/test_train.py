@@ -17,6 +17,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dinorank_jax import train
+from dinorank_jax.data import records
 from dinorank_jax.losses.distill import CRITERIA
 from dinorank_jax.models.fusion import FUSION_MODES
 from dinorank_jax.step import Objective
@@ -114,7 +115,8 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path):
   assert [m["step"] for m in train_rows] == list(range(1, 17))
   for key in ("clip", "rank_cross", "rank_in", "distill_image", "distill_text", "fusion_gate",
               "rank_gate_penalty", "image_rank_head_gate_2", "text_rank_head_gate_3",
-              "rank_weight", "logit_scale", "lr", "active_order", "data_skipped_total",
+              "rank_weight", "logit_scale", "lr", "active_order", "data/skipped_total",
+              "data/skipped_invalid",
               "step_seconds", "samples_per_second", "grad_norm", "param_norm", "update_norm"):
     assert key in train_rows[-1], key
   assert train_rows[-1]["param_norm"] > train_rows[-1]["update_norm"] > 0
@@ -136,20 +138,23 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path):
 
 
 def test_nonfinite_loss_stops_naming_step_terms_and_checkpoint(tmp_path):
-  clean = tiny_corpus.corpora(str(tmp_path / "clean"), num_train=64)
-  poisoned = tiny_corpus.corpora(str(tmp_path / "poisoned"), num_train=64, poison=True)
+  root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
   workdir = str(tmp_path / "run")
-  config = tiny_config(clean)
-  config.epochs = 4                     # 8 steps, checkpoint at 8
+  config = tiny_config(root)
+  config.epochs, config.data.eval_path = 4, ""     # 8 steps, checkpoint at 8
   train.train_and_evaluate(config, workdir)
-  config = tiny_config(poisoned)
   config.epochs = 8
-  with pytest.raises(train.NonFiniteLoss, match=r"non-finite loss at step 8 \(terms: "
-                     r".*distill_image.*\); resume from checkpoint 8"):
+  config.optim.lr = 1e30                           # diverges within a step or two
+  with pytest.raises(train.NonFiniteLoss, match=r"non-finite loss at step (8|9|10) \(terms: "
+                     r".*loss.*\); resume from checkpoint 8 with a lower config.optim.lr"):
     train.train_and_evaluate(config, workdir)
-  config.on_nonfinite = "skip"          # the same data, updates skipped: the run finishes
+  config.on_nonfinite = "skip"          # the same run, updates skipped: it finishes
   train.train_and_evaluate(config, workdir)
   assert all(np.isfinite(x).all() for x in _saved_params(workdir, 16))
+  # Poisoned teacher features are a data error, skipped and counted, not a loss.
+  poisoned = tiny_corpus.corpora(str(tmp_path / "poisoned"), num_train=64, poison=True)
+  with pytest.raises(records.DataError, match="records of .* are bad"):
+    train.train_and_evaluate(tiny_config(poisoned), str(tmp_path / "poisoned_run"))
 
 
 def _wait_for(predicate, proc, timeout=400):

@@ -33,7 +33,7 @@ import time
 
 import jax
 
-from dinorank_jax import compilation
+from dinorank_jax import compilation, errors
 from dinorank_jax.bench import compile as compile_suite
 from dinorank_jax.bench import data, losses, step
 
@@ -76,6 +76,7 @@ def parse(argv=None):
   return args
 
 
+@errors.guard
 def main(argv=None):
   args = parse(argv)
   compilation.use_cache_from_flags(args)

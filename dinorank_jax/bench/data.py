@@ -33,14 +33,20 @@ from PIL import Image
 from dinorank_jax.data import build, pipeline, records, synthetic
 
 
+TEACHER = {"grid": [14, 14], "pca_dim": 256, "cls_dim": 1024, "text_dim": 384,
+           "text_length": 32}
+
+
 def write_dataset(directory, num, side, shard_size=512):
   rng = np.random.default_rng(0)
+  tokens = np.zeros(77, np.int32)
+  tokens[:2] = (49406, 49407)          # start and end of text: an empty but valid caption
   recs = []
   for i in range(num):
     key, image, caption, _ = synthetic.example(0, i, side)
     recs.append({
         "key": key, "jpeg": build.reencode(image, side), "caption": caption,
-        "tokens": np.zeros(77, np.int32),
+        "tokens": tokens,
         "teacher_patches": rng.normal(size=(14, 14, 256)).astype(np.float16),
         "teacher_cls": rng.normal(size=1024).astype(np.float16),
         "teacher_text_tokens": rng.normal(size=(32, 384)).astype(np.float16),
@@ -49,7 +55,8 @@ def write_dataset(directory, num, side, shard_size=512):
   shards = [records.write_shard(directory, i, recs[s:s + shard_size], {})
             for i, s in enumerate(range(0, num, shard_size))]
   records.write_json(os.path.join(directory, records.METADATA),
-                     {"schema_version": records.SCHEMA_VERSION,
+                     {"schema_version": records.SCHEMA_VERSION, "vocab_size": 49408,
+                      "eot_id": 49407, "context_length": 77, "teacher": TEACHER,
                       "shards": [{"file": s["file"], "count": s["count"]} for s in shards]})
 
 

@@ -20,6 +20,11 @@ side of at most `--max_side` and re-encoded as JPEG. An unreadable image or
 an empty caption is skipped, counted and its key logged; the run ends with
 `written N, skipped M (corrupt K, empty caption L)`. Inputs are cut into
 shards of `--shard_size` in input order; a re-run skips finished shards.
+
+A build records its arguments in `DIR/build.json` (`records.claim_directory`); rerunning into the same
+`--out` with other arguments is refused (`--overwrite` replaces the old
+dataset), so shards of two different builds never mix. Captions of any length
+are read (the tokens keep the first 77).
 """
 
 import argparse
@@ -31,14 +36,21 @@ import itertools
 import logging
 import multiprocessing
 import os
+import sys
 import tarfile
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from PIL import Image
 from tqdm import tqdm
 
+from dinorank_jax import errors
 from dinorank_jax.data import records, synthetic
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH, TextTokenizer
+
+# The arguments that decide what a build writes (not how fast: --workers).
+CONTENT_ARGS = ("source", "input", "image_column", "caption_column", "syn_caption_column",
+                "num", "seed", "image_size", "max_side", "shard_size", "tokenizer")
+csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))   # captions of any length
 
 
 class Skip(Exception):
@@ -177,9 +189,22 @@ def _build_shard(directory, index, items, load, max_side, tokenizer_dir):
   return records.write_shard(directory, index, recs, stats)
 
 
+def _content(args) -> dict:
+  out = {k: getattr(args, k) for k in CONTENT_ARGS}
+  for k in ("input", "tokenizer"):
+    if out[k] and not any(c in out[k] for c in "*?["):
+      out[k] = os.path.abspath(out[k])
+  if args.source == "synthetic":
+    out.pop("input")
+  else:
+    for k in ("num", "seed", "image_size"):
+      out.pop(k)
+  return out
+
+
 def build(args) -> dict:
   """Builds (or resumes) the dataset at `args.out`; returns its metadata."""
-  os.makedirs(args.out, exist_ok=True)
+  records.claim_directory(args.out, {"command": "data.build", **_content(args)}, args.overwrite)
   items, load = SOURCES[args.source](args)
   chunks = iter(lambda it=iter(items): list(itertools.islice(it, args.shard_size)), [])
   tokenizer = TextTokenizer(args.tokenizer)
@@ -231,9 +256,12 @@ def parser():
   p.add_argument("--workers", type=int, default=os.cpu_count())
   p.add_argument("--tokenizer", default=None, help="local Hugging Face tokenizer directory "
                  "(default: CLIP's BPE)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a dataset in --out that was built with other arguments")
   return p
 
 
+@errors.guard
 def main(argv=None):
   args = parser().parse_args(argv)
   if args.source != "synthetic" and not args.input:

@@ -49,6 +49,8 @@ def prepare(config) -> None:
   s = config.data.synthetic
   for path, num, seed in ((config.data.path, s.num_train, 0),
                           (config.data.eval_path, s.num_eval, 1)):
+    if not path:          # no held-out path: no evaluation, nothing to build
+      continue
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     synthetic_corpus(path, num=num, seed=seed, image_size=s.image_size,
                      teacher_size=s.teacher_size)

@@ -13,8 +13,8 @@ import argparse
 import os
 import sys
 
-from dinorank_jax import compilation, export
-from dinorank_jax.evaluate import report, suites
+from dinorank_jax import compilation, errors, export
+from dinorank_jax.evaluate import metrics, report, suites
 
 
 def evaluate_models(paths: list[str], names: list[str], data_dir: str, *, batch_size: int,
@@ -26,13 +26,17 @@ def evaluate_models(paths: list[str], names: list[str], data_dir: str, *, batch_
     entry = {"path": os.path.abspath(path), "model": model.config, "suites": {}}
     for suite in names:
       log(f"{name}: {suite} …")
-      entry["suites"][suite] = suites.run(suite, model, data_dir, batch_size=batch_size,
-                                          probe_limit=probe_limit)
+      try:
+        entry["suites"][suite] = suites.run(suite, model, data_dir, batch_size=batch_size,
+                                            probe_limit=probe_limit)
+      except metrics.InvalidEmbeddings as e:
+        raise errors.UserError(f"{name}: suite {suite}: {e}") from None
       log(f"{name}: {suite}: {entry['suites'][suite]['status']}")
     models[name] = entry
   return {"models": models, "data_dir": os.path.abspath(data_dir), "suites": names}
 
 
+@errors.guard
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m dinorank_jax.evaluate",
                               description=__doc__.split("\n")[0])

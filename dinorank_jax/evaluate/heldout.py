@@ -20,12 +20,11 @@ import functools
 
 import jax
 import numpy as np
-from grain.sources import ArrayRecordDataSource
 from jax.experimental import multihost_utils
 
 from dinorank_jax import parallel
 from dinorank_jax.data import records
-from dinorank_jax.data.pipeline import Decode
+from dinorank_jax.data.pipeline import Decode, RecordSource
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH, TextTokenizer
 from dinorank_jax.evaluate import metrics as metrics_lib
 from dinorank_jax.evaluate.prompts import SYNTHETIC_TEMPLATES, class_embeddings
@@ -52,20 +51,21 @@ def sharded_map(fn, params, mesh, n: int, load, batch_size: int) -> dict:
 
 
 def _split_loader(directory: str, image_size: int, tasks):
-  source = ArrayRecordDataSource(records.shard_paths(directory))
-  decode = Decode(image_size, augment=False)
+  shards = records.Shards(directory)
+  source = RecordSource(shards)
+  decode = Decode(image_size, augment=False, shards=shards)
 
   def load(indices):
     images, tokens, valid = [], [], []
     labels = {t: [] for t in tasks}
     for i in indices:
-      data = source[int(i)]
-      example = decode.map((int(i), data))
+      read = source[int(i)]
+      example = decode.map((int(i), read))
       ok = "_skip" not in example
       valid.append(ok)
       images.append(example["image"] if ok else np.zeros((image_size, image_size, 3), np.uint8))
       tokens.append(example["tokens"] if ok else np.zeros(CONTEXT_LENGTH, np.int32))
-      record_labels = records.decode_record(data).get("labels", {}) if ok else {}
+      record_labels = records.decode_record(read[1]).get("labels", {}) if ok else {}
       for t in tasks:
         labels[t].append(record_labels.get(t, -1))
     return {"image": np.stack(images), "tokens": np.stack(tokens), "valid": np.asarray(valid),

@@ -1,8 +1,11 @@
 """The numbers of the evaluation, from embeddings (NumPy; no model inside).
 
-Ranks are those of a stable descending sort: among equal scores the lower
-index comes first, as `argmax` picks. A query with several positives is a
-hit at k when any of them is among its first k.
+Ranks are pessimistic: a query's positive is placed after every other
+candidate whose score is greater *or equal*, so a tie with a wrong candidate
+is never a win (a constant model scores chance at best, never 100 %). A query
+with several positives is a hit at k when any of them is among its first k
+(the other positives do not count against it). Embeddings that are not
+finite or have zero norm are an error (`InvalidEmbeddings`), never a score.
 
 * `zero_shot`: top-k accuracy and mean per-class recall.
 * `retrieval`: image→text and text→image recall@k with any number of
@@ -19,26 +22,48 @@ hit at k when any of them is among its first k.
 
 import numpy as np
 
+from dinorank_jax.errors import UserError
 from dinorank_jax.losses.distill import gram_matrix
 
 CHUNK = 2048
 
 
+class InvalidEmbeddings(UserError, ValueError):
+  """Embeddings that cannot be scored; the message says how many and which."""
+
+
+def check_embeddings(x: np.ndarray, what: str) -> None:
+  """Raises `InvalidEmbeddings` unless every row of `x` is finite and nonzero."""
+  x = np.asarray(x)
+  nonfinite = ~np.all(np.isfinite(x), axis=1)
+  zero = ~nonfinite & ~np.any(x != 0, axis=1)
+  if nonfinite.any() or zero.any():
+    raise InvalidEmbeddings(
+        f"{nonfinite.sum() + zero.sum()} of {len(x)} {what} embeddings are unusable "
+        f"({nonfinite.sum()} not finite, {zero.sum()} zero): the model diverged or its "
+        "export is damaged")
+
+
 def positions(scores: np.ndarray, columns: np.ndarray) -> np.ndarray:
-  """`[n]`: where column `columns[i]` lands in row i of `scores` sorted stably, descending."""
+  """`[n]`: the place of column `columns[i]` in row i, counting every other
+  column with a score `>=` its own (ties pessimistic)."""
   s = np.take_along_axis(scores, columns[:, None], axis=1)
-  before = (scores > s) | ((scores == s) & (np.arange(scores.shape[1]) < columns[:, None]))
+  before = (scores >= s) & (np.arange(scores.shape[1]) != columns[:, None])
   return before.sum(axis=1)
 
 
-def _best_positive(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
-  """The first-ranked positive column of each row (`positive` a bool mask)."""
-  return np.argmax(np.where(positive, scores, -np.inf), axis=1)
+def _best_positive_place(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+  """`[n]`: the place of each row's best positive among its negatives (ties
+  pessimistic; `positive` a bool mask)."""
+  best = np.max(np.where(positive, scores, -np.inf), axis=1, keepdims=True)
+  return np.sum(~positive & (scores >= best), axis=1)
 
 
 def zero_shot(image: np.ndarray, classes: np.ndarray, labels: np.ndarray,
               ks=(1, 3, 5)) -> dict[str, float]:
   """`top{k}` accuracy and `mean_per_class_recall` (top-1) of `image @ classes.T`."""
+  check_embeddings(image, "image")
+  check_embeddings(classes, "class")
   ks = [k for k in ks if k <= len(classes)]
   place = np.concatenate([positions(image[s:s + CHUNK] @ classes.T, labels[s:s + CHUNK])
                           for s in range(0, len(image), CHUNK)])
@@ -52,11 +77,13 @@ def zero_shot(image: np.ndarray, classes: np.ndarray, labels: np.ndarray,
 def retrieval(image: np.ndarray, text: np.ndarray, text_image: np.ndarray,
               ks=(1, 5, 10)) -> dict[str, float]:
   """`i2t_r{k}`, `t2i_r{k}`; caption j describes image `text_image[j]`."""
+  check_embeddings(image, "image")
+  check_embeddings(text, "text")
   i2t, t2i = [], []
   for s in range(0, len(image), CHUNK):
     scores = image[s:s + CHUNK] @ text.T
     positive = text_image[None, :] == np.arange(s, s + len(scores))[:, None]
-    i2t.append(positions(scores, _best_positive(scores, positive)))
+    i2t.append(_best_positive_place(scores, positive))
   for s in range(0, len(text), CHUNK):
     t2i.append(positions(text[s:s + CHUNK] @ image.T, text_image[s:s + CHUNK]))
   i2t, t2i = np.concatenate(i2t), np.concatenate(t2i)
@@ -73,6 +100,8 @@ def _cone(x: np.ndarray) -> float:
 
 def modality_gap(image: np.ndarray, text: np.ndarray) -> dict[str, float]:
   """Gap and cone numbers of matched unit embeddings `[N, D]` (row i of each a pair)."""
+  check_embeddings(image, "image")
+  check_embeddings(text, "text")
   image, text = image.astype(np.float64), text.astype(np.float64)
   ci, ct = image.mean(axis=0), text.mean(axis=0)
   return {"gap": float(np.linalg.norm(ci - ct)),

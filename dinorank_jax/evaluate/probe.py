@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dinorank_jax.evaluate.metrics import check_embeddings
+
 COARSE = tuple(10.0 ** e for e in range(-7, 3))
 FINE = (10 ** -0.5, 10 ** -0.25, 10 ** 0.25, 10 ** 0.5)
 
@@ -73,6 +75,8 @@ def linear_probe(train: tuple, val: tuple, test: tuple, num_classes: int, *,
                  steps: int = 200) -> dict[str, float]:
   """`(features, labels)` splits -> test `top1`, `mean_per_class_recall`, the chosen
   `l2` and its validation `val_top1`."""
+  for (x, _), split in zip((train, val, test), ("train", "val", "test")):
+    check_embeddings(x, f"probe {split}")
   scores, params = {}, None
   for l2 in COARSE[::-1]:                        # strong to weak: warm starts stay stable
     params = fit(*train, num_classes, l2, init=params, steps=steps)

@@ -33,11 +33,10 @@ import os
 from collections.abc import Callable
 
 import numpy as np
-from grain.sources import ArrayRecordDataSource
 from PIL import Image
 
 from dinorank_jax.data import records
-from dinorank_jax.data.pipeline import Decode
+from dinorank_jax.data.pipeline import Decode, RecordSource
 from dinorank_jax.evaluate.prompts import class_names
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -96,15 +95,16 @@ def records_split(directory: str) -> Split:
     meta = records.read_metadata(directory)
   except FileNotFoundError:
     raise NotFound(f"{directory} (records: no {records.METADATA})") from None
-  source = ArrayRecordDataSource(records.shard_paths(directory))
+  shards = records.Shards(directory, meta)
+  source = RecordSource(shards)
   tasks = {t: list(names) for t, names in (meta.get("zero_shot_tasks") or {}).items()}
 
   def example(i, side):
-    data = source[i]
-    decoded = Decode(side, augment=False).map((i, data))
+    read = source[i]
+    decoded = Decode(side, augment=False, shards=shards).map((i, read))
     if "_skip" in decoded:
       return {}
-    record = records.decode_record(data)
+    record = records.decode_record(read[1])
     out = {"image": decoded["image"], "crop": decoded["crop"], "flip": decoded["flip"],
            "labels": {t: record.get("labels", {}).get(t, -1) for t in tasks},
            "captions": [record[k] for k in ("caption", "syn_caption") if k in record]}

@@ -152,7 +152,7 @@ def distill_loss(criterion: str, student: dict, teacher: dict, *, key: jax.Array
   """
   if criterion not in CRITERIA:
     raise ValueError(f"unknown distillation criterion {criterion!r}: one of {CRITERIA} "
-                     "(config.distill.criterion)")
+                     "(config.objective.criterion)")
   if criterion in PROJECTED and "tokens_proj" not in student:
     raise ValueError(f"criterion {criterion!r} needs the student projected to the teacher "
                      "width: set the model's image/text_teacher_dims")

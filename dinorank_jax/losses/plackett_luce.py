@@ -62,20 +62,28 @@ def inverse_order(perm: jax.Array) -> jax.Array:
   return jnp.zeros_like(perm).at[jnp.arange(rows)[:, None], perm].set(positions)
 
 
-def first_order_nll(pred: jax.Array, perm: jax.Array) -> jax.Array:
+def first_order_nll(pred: jax.Array, perm: jax.Array, eps: float = 0.0) -> jax.Array:
   """Order-1 `ℓ_k = logsumexp_{m ≥ k} P_{π_m} − P_{π_k}` for all k, `[rows, M]`.
 
   The reverse cumulative logsumexp is an associative scan of `logaddexp`,
   O(M log M) and stable; `lax.cumlogsumexp` lowers to an O(M²) window
   reduction on CPU (20× slower at M = 1024).
+
+  `eps > 0` reproduces RankCLIP's published ListMLE, which adds `eps` inside
+  the log after subtracting the row maximum `μ`:
+  `ℓ_k = log(Σ_{m ≥ k} exp(P_{π_m} − μ) + eps) − (P_{π_k} − μ)`. That is not
+  the Plackett-Luce likelihood (docs/ranking.md, "RankCLIP's eps"); 0 is exact.
   """
   scores = jnp.take_along_axis(pred, perm, axis=1)
   suffix = jax.lax.associative_scan(jnp.logaddexp, scores, reverse=True, axis=1)
+  if eps:
+    top = jnp.max(scores, axis=1, keepdims=True)
+    return jnp.logaddexp(suffix - top, math.log(eps)) - (scores - top)
   return suffix - scores
 
 
 def pl_nll(pred: jax.Array, ref: jax.Array, *, list_len: int | None = None,
-           tie_key: jax.Array | None = None) -> jax.Array:
+           tie_key: jax.Array | None = None, eps: float = 0.0) -> jax.Array:
   """First-order Plackett-Luce (RankCLIP ListMLE) NLL per row.
 
   Args:
@@ -83,12 +91,13 @@ def pl_nll(pred: jax.Array, ref: jax.Array, *, list_len: int | None = None,
     ref: reference scores `[rows, M]`; only their order is used.
     list_len: positions scored, `K = min(list_len, M)`; None scores all M.
     tie_key: PRNG key for random tie-breaking (see `reference_order`).
+    eps: RankCLIP's published eps (see `first_order_nll`); 0 is exact.
   Returns:
     `[rows]` in `pred`'s dtype promoted to at least float32: `(1/K) Σ_{k<K} ℓ_k`.
   """
   pred = pred.astype(accumulation_dtype(pred))
   k = scored_positions(pred.shape[1], list_len)
-  return jnp.mean(first_order_nll(pred, reference_order(ref, tie_key))[:, :k], axis=1)
+  return jnp.mean(first_order_nll(pred, reference_order(ref, tie_key), eps)[:, :k], axis=1)
 
 
 def uniform_nll(num_items: int, list_len: int | None = None) -> float:

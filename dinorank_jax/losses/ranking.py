@@ -59,7 +59,7 @@ def mutual_rank_term(head_a: ListHead, a: jax.Array, items_a: jax.Array,
     a, b: `[rows, M]` scaled similarities.
     items_a, items_b: `[M, D]` embeddings of A's and B's column items.
     tie_keys: PRNG keys for the two lists.
-    **head_kwargs: `active_order`, `list_len`, `high_order_len`.
+    **head_kwargs: `active_order`, `list_len`, `high_order_len`, `pl_eps`.
   """
   return 0.5 * (head_a(a, b, items_a, tie_key=tie_keys[0], **head_kwargs)
                 + head_b(b, a, items_b, tie_key=tie_keys[1], **head_kwargs))
@@ -85,7 +85,7 @@ def rank_losses(u: jax.Array, v: jax.Array, scale: jax.Array, *,
     scope: `global` ranks the whole global batch; `local` each shard's own
       rows only (cheaper, for ablation).
     tie_key: PRNG key; each of the four lists gets its own fold.
-    **head_kwargs: `active_order`, `list_len`, `high_order_len`.
+    **head_kwargs: `active_order`, `list_len`, `high_order_len`, `pl_eps`.
   Returns:
     Two float32 scalars, means over the global rows, equal on every shard.
   """

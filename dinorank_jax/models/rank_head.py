@@ -60,7 +60,7 @@ class HighOrderPL(nn.Module):
   def __call__(self, pred: jax.Array, ref: jax.Array, items: jax.Array, *,
                active_order: jax.Array | int | None = None,
                list_len: int | None = None, high_order_len: int | None = None,
-               tie_key: jax.Array | None = None) -> jax.Array:
+               tie_key: jax.Array | None = None, pl_eps: float = 0.0) -> jax.Array:
     """NLL of the reference order of each row, mean over scored positions.
 
     Args:
@@ -74,6 +74,9 @@ class HighOrderPL(nn.Module):
       high_order_len: leading positions that carry corrections; the rest use
         first-order utilities. None = all K.
       tie_key: PRNG key for random tie-breaking of `ref`.
+      pl_eps: RankCLIP's published eps in the first-order terms
+        (`losses.plackett_luce.first_order_nll`); 0 is exact. Corrected
+        positions (orders ≥ 2) never use it.
     Returns:
       `[rows]`, float32 (float64 for float64 inputs).
     """
@@ -85,7 +88,7 @@ class HighOrderPL(nn.Module):
     if self.order == 0:
       return jnp.full((rows,), uniform_nll(m, list_len), pred.dtype)
     perm = reference_order(ref, tie_key)
-    first = first_order_nll(pred, perm)
+    first = first_order_nll(pred, perm, pl_eps)
     if self.order == 1:
       return jnp.mean(first[:, :k], axis=1)
 

@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, DINOv3ViTConfig, DINOv3ViTModel
 
+from dinorank_jax import errors
 from dinorank_jax.data import records
 from dinorank_jax.teacher.pca import fit_pca, project
 
@@ -96,11 +97,15 @@ def _batches(items, size):
 def export(args) -> dict:
   device = "cuda" if torch.cuda.is_available() else "cpu"
   meta = records.read_metadata(args.data)
+  arguments = {k: getattr(args, k) for k in ("image_teacher", "text_teacher", "image_size",
+                                             "pca_dim", "pca_images", "text_length")}
+  records.claim_directory(args.out, {"command": "teacher.export",
+                                     "data": os.path.abspath(args.data), **arguments},
+                          args.overwrite)
   image_model, image_name = load_image_teacher(args.image_teacher)
   text_model, text_tok, text_name = load_text_teacher(args.text_teacher)
   image_model.to(device)
   text_model.to(device)
-  os.makedirs(args.out, exist_ok=True)
   paths = records.shard_paths(args.data)
 
   pca_file = os.path.join(args.out, "pca.npz")
@@ -146,6 +151,7 @@ def export(args) -> dict:
   return meta
 
 
+@errors.guard
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--data", required=True, help="dataset built by dinorank_jax.data.build")
@@ -159,9 +165,11 @@ def main(argv=None):
   p.add_argument("--pca_images", type=int, default=1024)
   p.add_argument("--text_length", type=int, default=32)
   p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a dataset in --out that was exported with other arguments")
   args = p.parse_args(argv)
   if os.path.abspath(args.data) == os.path.abspath(args.out):
-    raise SystemExit("--out must differ from --data: the export writes a new dataset")
+    p.error("--out must differ from --data: the export writes a new dataset")
   export(args)
 
 

@@ -1,0 +1,351 @@
+"""Faults and user mistakes, one probe per class (docs/reliability.md): each
+ends in a correct result or one clear line, and nothing is lost."""
+
+import errno
+import json
+import logging
+import os
+import re
+import runpy
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dinorank_jax import errors, train, workdir as workdir_lib
+from dinorank_jax.checkpoint import IncompatibleCheckpoint
+from dinorank_jax.data import build, pipeline, records, verify
+from dinorank_jax.evaluate import metrics
+from tests import tiny_corpus
+from tests.tiny_config import CONFIGS, get_config as tiny_config
+
+ROOT = os.path.dirname(CONFIGS)
+
+
+# Evaluation that cannot flatter.
+
+def test_nonfinite_or_zero_embeddings_are_an_error_not_a_score():
+  with pytest.raises(metrics.InvalidEmbeddings, match="8 of 8 class embeddings .*8 not finite"):
+    metrics.zero_shot(np.eye(8)[:4], np.full((8, 8), np.nan), np.arange(4))
+  image = np.eye(8)[:4].copy()
+  image[2] = 0
+  with pytest.raises(metrics.InvalidEmbeddings, match="1 of 4 image embeddings .*1 zero"):
+    metrics.retrieval(image, np.eye(8)[:4], np.arange(4))
+  with pytest.raises(metrics.InvalidEmbeddings, match="text"):
+    metrics.modality_gap(np.eye(4), np.full((4, 4), np.inf))
+
+
+def test_ties_are_pessimistic_so_a_constant_model_scores_zero():
+  constant = np.ones((6, 4))
+  assert metrics.zero_shot(constant, np.ones((3, 4)), np.arange(6) % 3, ks=(1,))["top1"] == 0
+  got = metrics.retrieval(constant, constant, np.arange(6), ks=(1, 5))
+  assert got == {"i2t_r1": 0.0, "i2t_r5": 0.0, "t2i_r1": 0.0, "t2i_r5": 0.0}
+
+
+# One run per workdir.
+
+def test_workdir_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path, caplog):
+  work = str(tmp_path / "run")
+  with workdir_lib.lock(work):
+    holder = json.load(open(os.path.join(work, workdir_lib.LOCK)))
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    with pytest.raises(workdir_lib.WorkdirBusy, match=f"process {os.getpid()} on"):
+      with workdir_lib.lock(work):
+        pass
+    # The trainer takes the same lock before it reads data or compiles.
+    with pytest.raises(workdir_lib.WorkdirBusy, match="in use by another run"):
+      train.train_and_evaluate(tiny_config(str(tmp_path / "no-data")), work)
+  assert not os.path.exists(os.path.join(work, workdir_lib.LOCK))      # released
+
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  lock_file = os.path.join(work, workdir_lib.LOCK)
+  json.dump({"pid": dead.pid, "host": socket.gethostname(), "started": "then"},
+            open(lock_file, "w"))
+  with caplog.at_level(logging.WARNING), workdir_lib.lock(work):
+    assert json.load(open(lock_file))["pid"] == os.getpid()
+  assert "taking over the stale lock" in caplog.text
+  json.dump({"pid": 1, "host": "elsewhere", "started": "then"}, open(lock_file, "w"))
+  with pytest.raises(workdir_lib.WorkdirBusy, match=f"delete {re.escape(lock_file)}"):
+    with workdir_lib.lock(work):
+      pass
+  assert json.load(open(lock_file))["host"] == "elsewhere"         # another host's: untouched
+
+
+def _flip_byte(path: str, at: float = 0.5) -> None:
+  with open(path, "r+b") as f:
+    size = f.seek(0, 2)
+    f.seek(int(size * at))
+    byte = f.read(1)
+    f.seek(int(size * at))
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _truncate(path: str) -> None:
+  """A partial write: the file loses its second half."""
+  with open(path, "r+b") as f:
+    f.truncate(f.seek(0, 2) // 2)
+
+
+def _largest_file(directory: str) -> str:
+  files = [os.path.join(d, n) for d, _, names in os.walk(directory) for n in names]
+  return max(files, key=os.path.getsize)
+
+
+def test_resume_falls_back_refuses_changed_fields_and_keeps_every_config(tmp_path, caplog):
+  root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64, num_eval=32)
+  work = str(tmp_path / "run")
+  config = tiny_config(root)
+  config.epochs, config.data.eval_path = 8, ""       # 16 steps; checkpoints 8 and 16
+  train.train_and_evaluate(config, work)
+  # A damaged latest checkpoint: one line, the previous one is used, the run
+  # finishes again, and the damaged files are kept aside.
+  _truncate(_largest_file(os.path.join(work, "checkpoints", "16", "state")))
+  config.epochs = 9                                  # 18 steps
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(config, work)
+  assert "checkpoint 16 in" in caplog.text and "resuming from checkpoint 8" in caplog.text
+  assert os.path.isdir(os.path.join(work, "damaged_checkpoints", "16"))
+  steps = [m["step"] for m in map(json.loads, open(os.path.join(work, "metrics.jsonl")))
+           if "loss" in m]
+  assert steps[-10:] == list(range(9, 19))           # steps 9-18 again, from 8
+  assert "config.epochs: 8 -> 9" in caplog.text      # a change that is allowed is said
+
+  # A change to the model or the data order is refused, naming the fields.
+  changed = tiny_config(root)
+  changed.epochs, changed.data.eval_path, changed.batch_size = 9, "", 16
+  with pytest.raises(workdir_lib.ChangedConfig,
+                     match=r"another config.batch_size \(config.batch_size: 32 -> 16\)"):
+    train.train_and_evaluate(changed, work)
+  changed.batch_size, changed.model.embed_dim = 32, 32
+  with pytest.raises(workdir_lib.ChangedConfig, match="config.model.embed_dim"):
+    train.train_and_evaluate(changed, work)
+  # On purpose: the checkpoint still cannot hold the other shapes, and says so.
+  with pytest.raises(IncompatibleCheckpoint, match=r"has shape \(.*64.*\), the model's is"):
+    train.train_and_evaluate(changed, work, allow_config_change=True)
+  # Every start kept its own config; config.json is the last run's.
+  starts = sorted(os.listdir(os.path.join(work, workdir_lib.STARTS)))
+  assert len(starts) == 2 and starts[0].endswith("-step0.json") and starts[1].endswith("-step8.json")
+  assert [json.load(open(os.path.join(work, "starts", s)))["epochs"] for s in starts] == [8, 9]
+
+  # Every checkpoint damaged: one line naming each, nothing deleted.
+  for step in os.listdir(os.path.join(work, "checkpoints")):
+    _truncate(_largest_file(os.path.join(work, "checkpoints", step, "state")))
+  with pytest.raises(errors.UserError, match="no checkpoint in .* restores .*move"):
+    train.train_and_evaluate(config, work)
+  assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["16", "18", "8"]
+
+
+# Bad data: skipped, counted and named.
+
+def _damage(directory: str) -> dict[str, int]:
+  """Rewrites the first shard of `directory` with one record of each kind of
+  damage; returns how many records of each skip reason it holds."""
+  path = records.shard_paths(directory)[0]
+  recs = [dict(records.decode_record(r)) for r in records.read_shard(path)]
+  recs[0]["teacher_patches"] = recs[0]["teacher_patches"][:2]          # another grid
+  del recs[1]["teacher_cls"]                                           # missing field
+  recs[2]["teacher_cls"] = np.full_like(recs[2]["teacher_cls"], np.nan)
+  recs[3]["tokens"] = np.full_like(recs[3]["tokens"], 10 ** 6)         # outside the vocabulary
+  recs[4]["tokens"] = np.zeros_like(recs[4]["tokens"])                 # an empty caption
+  recs[5]["jpeg"] = b"not a jpeg"
+  recs[6]["teacher_text_mask"] = recs[6]["teacher_text_mask"].astype(np.float16)  # dtype
+  records.write_shard(directory, 0, recs, {})
+  return {"invalid": 5, "nonfinite": 1, "corrupt": 1}
+
+
+def test_bad_records_are_skipped_counted_and_named(tmp_path, caplog):
+  directory = tiny_corpus.corpus(str(tmp_path / "train"), num=128)
+  expected = _damage(directory)
+  _flip_byte(records.shard_paths(directory)[1])          # a damaged chunk in shard 1
+  expected["unreadable"] = 1
+  with caplog.at_level(logging.WARNING):
+    stream = iter(pipeline.make_dataset(directory, batch_size=8, image_size=16, seed=0,
+                                        num_epochs=1, max_skip_fraction=0.2))
+    batches = list(stream)
+  skipped = np.sum([b["skipped"].sum(0) for b in batches], axis=0)
+  assert dict(zip(records.SKIP_REASONS, skipped.tolist())) == expected
+  assert sum(len(b["tokens"]) for b in batches) == 120           # 128 − 8, whole batches
+  assert "shard-00000.array_record #1 (key" in caplog.text and "'teacher_cls' missing" in caplog.text
+  assert "NaN or infinite" in caplog.text and "shard-00001.array_record #" in caplog.text
+  assert "'teacher_patches' is float16[2, 4, 8], metadata.json says [4, 4, 8]" in caplog.text
+
+  # data.verify reports the same counts, and exits 1.
+  result = verify.verify(directory, log=lambda s: None)
+  assert result["skipped"] == expected and result["ok"] == 120
+  with pytest.raises(SystemExit) as exit_:
+    verify.main([directory])
+  assert exit_.value.code == 1
+
+  # Past the threshold: one line naming the field and the verifier.
+  stream = iter(pipeline.make_dataset(directory, batch_size=8, image_size=16, seed=0,
+                                      min_seen=64))
+  with pytest.raises(records.DataError, match=r"\d+ of \d+ records .*max_skip_fraction=0.01"
+                                              r".*data.verify"):
+    for _ in range(40):                    # past 64 records seen
+      next(stream)
+
+
+def test_an_unopenable_shard_is_left_out_or_stops_the_run_in_one_line(tmp_path, caplog):
+  directory = tiny_corpus.corpus(str(tmp_path / "train"), num=128)
+  path = records.shard_paths(directory)[1]
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 3)
+  with pytest.raises(records.DataError, match="1 shards of .* cannot be read .*shard-00001"):
+    pipeline.make_dataset(directory, batch_size=8, image_size=16, seed=0)
+  with caplog.at_level(logging.WARNING):
+    stream = iter(pipeline.make_dataset(directory, batch_size=8, image_size=16, seed=0,
+                                        num_epochs=1, max_skip_fraction=0.6))
+    assert sum(len(b["tokens"]) for b in stream) == 64
+  assert "unusable shard" in caplog.text and "shard-00001" in caplog.text
+
+
+def test_training_logs_skips_and_finishes(tmp_path):
+  root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=128, num_eval=32)
+  _damage(os.path.join(root, "train"))
+  config = tiny_config(root)
+  config.epochs, config.data.eval_path, config.data.max_skip_fraction = 2, "", 0.2
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  last = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")][-1]
+  # Every pass over a bad record counts it: 2 epochs and the prefetch of a third.
+  assert 5 * 2 <= last["data/skipped_invalid"] <= 5 * 3
+  assert 2 <= last["data/skipped_nonfinite"] <= 3 and last["data/skipped_unreadable"] == 0
+  assert last["data/skipped_total"] == sum(last[f"data/skipped_{r}"] for r in records.SKIP_REASONS)
+
+
+# Builders that refuse to mix.
+
+def test_rebuild_with_other_arguments_is_refused_unless_overwrite(tmp_path):
+  out = str(tmp_path / "raw")
+  args = lambda *extra: build.parser().parse_args(
+      ["--source", "synthetic", "--out", out, "--num", "32", "--shard_size", "16",
+       "--workers", "1", *extra])
+  build.build(args())
+  build.build(args())                                          # the same build: resumed
+  with pytest.raises(records.DataError, match=r"seed: 0 -> 1.*--overwrite"):
+    build.build(args("--seed", "1"))
+  first = records.read_shard(records.shard_paths(out)[0])
+  build.build(args("--seed", "1", "--overwrite"))
+  assert records.read_shard(records.shard_paths(out)[0]) != first
+  assert json.load(open(os.path.join(out, records.BUILD_FILE)))["seed"] == 1
+
+
+def test_a_caption_of_any_length_is_read(tmp_path):
+  from PIL import Image
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+  caption = "a long caption " * 20000                                # 300,000 characters
+  (tmp_path / "pairs.tsv").write_text(f"image\tcaption\na.png\t{caption}\n")
+  out = str(tmp_path / "t")
+  meta = build.build(build.parser().parse_args(
+      ["--source", "tsv", "--input", str(tmp_path / "pairs.tsv"), "--out", out,
+       "--workers", "1"]))
+  assert meta["counts"]["written"] == 1
+  record = records.decode_record(records.read_shard(records.shard_paths(out)[0])[0])
+  assert record["caption"] == " ".join(caption.split()) and record["tokens"].shape == (77,)
+
+
+# Every user mistake is one line.
+
+def _command(*argv, cwd=ROOT):
+  done = subprocess.run([sys.executable, "-m", *argv], cwd=cwd, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config.batchsize=8"], "unknown config field --config.batchsize: did you mean "
+                               "--config.batch_size?"),
+    (["--config.model.embed_dimm=8"], "unknown config field --config.model.embed_dimm: did you "
+                                      "mean --config.model.embed_dim?"),
+    (["--config.checkpoint.every=0"], "config.checkpoint.every must be a number >= 1, got 0"),
+    (["--config.model.rank_order=-1"], "config.model.rank_order must be an integer in 0..5"),
+    (["--config.model.rank_order=7"], "config.model.rank_order must be an integer in 0..5"),
+    (["--config.epochs=0"], "config.epochs must be a number >= 1, got 0"),
+    (["--config.objective.rank_schedule=step"], "config.objective.rank_schedule must be one of"),
+    (["--config.data.max_skip_fraction=1.5"], "config.data.max_skip_fraction must be in [0, 1)"),
+])
+def test_trainer_config_mistakes_are_one_line(tmp_path, flags, message):
+  code, out = _command("dinorank_jax.main", "--config=configs/demo.py",
+                       f"--workdir={tmp_path / 'run'}", *flags)
+  assert code == 1 and "Traceback" not in out, out[-2000:]
+  assert f"error: {message}" in out, out[-2000:]
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_command_mistakes_are_one_line(tmp_path):
+  cases = [
+      (("dinorank_jax.main", "--config=configs/nope.py", f"--workdir={tmp_path}"),
+       "cannot load the config file configs/nope.py: no such file"),
+      (("dinorank_jax.data.verify", str(tmp_path / "none")), "no metadata.json in"),
+      (("dinorank_jax.export", "--workdir", str(tmp_path / "none"), "--out", str(tmp_path / "e")),
+       "no training run at --workdir"),
+      (("dinorank_jax.evaluate", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "r")),
+       "no export at"),
+  ]
+  for argv, message in cases:
+    code, out = _command(*argv)
+    assert code in (1, 2) and "Traceback" not in out and message in out, (argv, out[-2000:])
+
+
+def test_prepare_without_a_held_out_path_trains_without_evaluation(tmp_path):
+  config = runpy.run_path(os.path.join(CONFIGS, "demo.py"))["get_config"]()
+  config.data.path, config.data.eval_path = str(tmp_path / "train"), ""
+  config.data.synthetic.num_train = 64
+  from dinorank_jax.data.prepare import prepare
+  prepare(config)
+  assert records.read_metadata(str(tmp_path / "train"))["teacher"] is not None
+  assert sorted(os.listdir(tmp_path)) == ["train", "train-raw"]
+
+
+def test_expected_os_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+  @errors.guard
+  def full_disk():
+    raise OSError(errno.ENOSPC, "No space left on device", "/data/out/shard-00003.array_record")
+
+  with pytest.raises(SystemExit) as exit_:
+    full_disk()
+  assert exit_.value.code == ("error: No space left on device: /data/out/shard-00003.array_record:"
+                              " free disk space (nothing complete was lost: rerun to resume)")
+
+  @errors.guard
+  def read_only():
+    raise OSError(errno.EROFS, "Read-only file system", "/ro")
+
+  with pytest.raises(SystemExit, match="read-only: choose a writable path"):
+    read_only()
+
+  @errors.guard
+  def bug():
+    raise KeyError("a bug")
+
+  with pytest.raises(KeyError):
+    bug()
+
+
+def _fields(config, prefix=""):
+  for k, v in config.items():
+    yield f"{prefix}{k}"
+    if hasattr(v, "items"):
+      yield from _fields(v, f"{prefix}{k}.")
+
+
+def test_every_config_field_an_error_names_exists():
+  known = set()
+  for name in ("r3.py", "demo.py", "alip.py"):
+    known |= set(_fields(runpy.run_path(os.path.join(CONFIGS, name))["get_config"]()))
+  named = set()
+  package = os.path.join(ROOT, "dinorank_jax")
+  for folder, _, files in os.walk(package):
+    for f in files:
+      if f.endswith(".py"):
+        text = open(os.path.join(folder, f)).read()
+        named |= set(re.findall(r"(?<![\w.])config\.((?:[a-z_]+\.)*[a-z_]+)", text))
+  # Attribute chains in code (config.data.path) are fields too; methods are not.
+  methods = {"to_dict", "to_json_best_effort", "get", "items", "keys", "update", "json", "py",
+             "default_compilation_cache"}
+  named = {n for n in named if n.split(".")[-1] not in methods}
+  assert len(named) > 20
+  missing = sorted(n for n in named if n not in known)
+  assert not missing, missing
