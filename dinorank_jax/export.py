@@ -8,8 +8,9 @@ heads, no teacher projections), `DIR/model_config.json` (the model's
 constructor arguments, the input side, the tokenizer reference and where the
 parameters came from) and `DIR/manifest.json` (the SHA-256 and size of every
 file under `params/`, checked by `load`: a damaged or altered export is
-refused in one line instead of embedding garbage). The model's vocabulary and teacher widths are read
-from the run's dataset metadata (`config.data.path`, or `--data`).
+refused in one line instead of embedding garbage). The model's vocabulary
+and teacher widths are read from the run's dataset metadata
+(`config.data.path`, or `--data`).
 
     import dinorank_jax
     model = dinorank_jax.load("exports/r3")

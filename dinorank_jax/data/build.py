@@ -21,9 +21,10 @@ an empty caption is skipped, counted and its key logged; the run ends with
 `written N, skipped M (corrupt K, empty caption L)`. Inputs are cut into
 shards of `--shard_size` in input order; a re-run skips finished shards.
 
-A build records its arguments in `DIR/build.json` (`records.claim_directory`); rerunning into the same
-`--out` with other arguments is refused (`--overwrite` replaces the old
-dataset), so shards of two different builds never mix. Captions of any length
+A build records its arguments in `DIR/build.json`
+(`records.claim_directory`); rerunning into the same `--out` with other
+arguments is refused (`--overwrite` replaces the old dataset), so shards of
+two different builds never mix. Captions of any length
 are read (the tokens keep the first 77).
 """
 
