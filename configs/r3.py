@@ -1,5 +1,5 @@
 """The paper's main recipe: order 3, both students, gated fusion, 64 epochs
-on CC3M (ViT-B/32 + CLIP text trunk, global batch 4096; SPEC §6, §7).
+on CC3M (ViT-B/32 + CLIP text trunk, global batch 4096; method §6, §7).
 
     python -m dinorank_jax.main --config configs/r3.py:/data/cc3m --workdir runs/r3
     python -m dinorank_jax.main --config configs/r3.py \

@@ -1,6 +1,6 @@
 """DinoRankCLIP in JAX/Flax.
 
-The method is specified in SPEC.md (shared with the project); the modules
+The method is stated in docs/method.md (cited as "method §N"); the modules
 follow its sections: `losses.contrastive` (§1), `losses.ranking` (§2-3).
 """
 

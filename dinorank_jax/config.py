@@ -1,4 +1,4 @@
-"""The training config: every knob of a run, with the paper's values (SPEC §6, §7).
+"""The training config: every knob of a run, with the paper's values (method §6, §7).
 
 Pure data (ml_collections, no JAX), so a config file is cheap to load and
 print. The files in `configs/` start from `paper()` and change what their

@@ -1,11 +1,11 @@
-"""Optimisation of SPEC §6: AdamW, its decay mask, the schedules, and the
+"""Optimisation of method §6: AdamW, its decay mask, the schedules, and the
 staged warm-start with exact freezing.
 
 Everything that changes over training — learning rate, rank weights, the
 active rank order — is a traced function of the step number, so the train
 step compiles once and the stage changes without recompiling.
 
-Warm-start (SPEC §6): epochs 0-2 train order 1 only; order 2 starts at epoch
+Warm-start (method §6): epochs 0-2 train order 1 only; order 2 starts at epoch
 3, orders ≥ 3 at epoch 6. Before its start an order contributes nothing to
 the loss (`HighOrderPL(active_order=…)` zeroes its gate, so its parameters
 get exactly zero gradient) and `freeze_inactive` zeroes its updates, so not
@@ -30,7 +30,7 @@ def learning_rate(peak: float, warmup_steps: int, total_steps: int) -> optax.Sch
 
 def rank_weight(schedule: str, step, steps_per_epoch: int, epochs: int,
                 lambda_max: float) -> jax.Array:
-  """`λ(t) = λ_max · w(t)` for the rank terms (SPEC §3).
+  """`λ(t) = λ_max · w(t)` for the rank terms (method §3).
 
   `rankclip_linear`: `w(e) = clip(3(e − 1)/(E − 1), 0, 2) / 2` for epoch
   `e = 1 … E` (RankCLIP's public ramp); `cosine`: `w(t) = ½(1 − cos(π t/T))`
@@ -82,6 +82,6 @@ def freeze_inactive(updates, tags, active) -> object:
 
 
 def adamw(lr: optax.Schedule, weight_decay: float = 0.2) -> optax.GradientTransformation:
-  """AdamW of SPEC §6: β = (0.9, 0.98), ε = 1e-6, decay on matrices only."""
+  """AdamW of method §6: β = (0.9, 0.98), ε = 1e-6, decay on matrices only."""
   return optax.adamw(lr, b1=0.9, b2=0.98, eps=1e-6, weight_decay=weight_decay,
                      mask=decay_mask)

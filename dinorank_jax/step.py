@@ -1,4 +1,4 @@
-"""The DinoRankCLIP objective (SPEC §6, paper eq. 4) and the sharded train step.
+"""The DinoRankCLIP objective (method §6, paper eq. 4) and the sharded train step.
 
     L = L_CLIP + λ(t) (L_cross^R + L_in^R)
         + α_I (L_Gram^I + β L_rel^I) + α_T (L_Gram^T + β L_rel^T)
@@ -42,7 +42,7 @@ from dinorank_jax.parallel import BATCH, state_shardings
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """The weights and knobs of eq. 4 (defaults: SPEC §6)."""
+  """The weights and knobs of eq. 4 (defaults: method §6)."""
   rank_max: float = 0.125           # λ_max of both rank terms
   rank_schedule: str = "cosine"
   list_len: int | None = None

@@ -1,4 +1,4 @@
-"""Direct float64 NumPy transcriptions of SPEC §2, one position at a time.
+"""Direct float64 NumPy transcriptions of method §2, one position at a time.
 
 Written as loops over positions with explicit remaining sets, so they share
 no code or structure with the chunked JAX implementation they check.

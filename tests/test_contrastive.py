@@ -1,4 +1,4 @@
-"""Symmetric InfoNCE (SPEC §1): the math, and sharded == unsharded."""
+"""Symmetric InfoNCE (method §1): the math, and sharded == unsharded."""
 
 import chex
 import jax

@@ -1,4 +1,4 @@
-"""Records, builders, the crop-aligned pipeline and the teacher's PCA (SPEC §7)."""
+"""Records, builders, the crop-aligned pipeline and the teacher's PCA (method §7)."""
 
 import argparse
 import io
@@ -284,3 +284,27 @@ def test_teacher_export_on_the_tiny_teacher(tmp_path):
   assert rec["teacher_cls"].shape == (64,) and rec["teacher_text_tokens"].shape == (16, 384)
   assert rec["teacher_text_mask"].dtype == bool and rec["teacher_text_pooled"].shape == (384,)
   assert np.isfinite(rec["teacher_patches"].astype(np.float32)).all()
+
+
+def test_teacher_pixels_follow_its_processor_config(tmp_path):
+  from dinorank_jax.teacher import export
+  model, _ = export.load_image_teacher(export.TINY_TEACHER)
+  model.save_pretrained(tmp_path / "teacher")
+  (tmp_path / "teacher" / export.PROCESSOR_CONFIG).write_text(json.dumps(
+      {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.5], "resample": 2,
+       "size": {"height": 32, "width": 32}}))
+  prep = export.Preprocessing.of(str(tmp_path / "teacher"))
+  assert prep == export.Preprocessing((0.5, 0.4, 0.3), (0.2, 0.25, 0.5), 2, 32)
+  assert export.Preprocessing.of(str(tmp_path / "teacher"), 48).size == 48
+  assert export.Preprocessing.of(export.TINY_TEACHER) == export.Preprocessing()
+  jpeg = _jpeg(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+  resized = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB").resize((32, 32),
+                                                                          Image.BILINEAR))
+  expected = (resized / 255.0 - [0.5, 0.4, 0.3]) / [0.2, 0.25, 0.5]
+  got = export.pixels([jpeg], prep)[0].permute(1, 2, 0).numpy()
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  meta = export.export(argparse.Namespace(
+      data=_synthetic(tmp_path, num=8), out=str(tmp_path / "t"),
+      image_teacher=str(tmp_path / "teacher"), text_teacher=export.MINILM, image_size=None,
+      pca_dim=8, pca_images=8, text_length=8, batch_size=8, overwrite=False))
+  assert meta["teacher"]["grid"] == [2, 2] and meta["teacher"]["image_mean"] == [0.5, 0.4, 0.3]

@@ -1,4 +1,4 @@
-"""Distillation losses of SPEC §4 and the masked pooling they rely on."""
+"""Distillation losses of method §4 and the masked pooling they rely on."""
 
 import chex
 import jax

@@ -1,4 +1,4 @@
-"""The conflict-aware fusion of SPEC §5 and its ablation modes."""
+"""The conflict-aware fusion of method §5 and its ablation modes."""
 
 import itertools
 import math

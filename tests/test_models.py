@@ -1,4 +1,4 @@
-"""Shapes, dtypes, sizes and switches of the networks (SPEC §5, §7)."""
+"""Shapes, dtypes, sizes and switches of the networks (method §5, §7)."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""Schedules, decay mask and the staged warm-start of SPEC §6."""
+"""Schedules, decay mask and the staged warm-start of method §6."""
 
 import jax
 import jax.numpy as jnp

@@ -6,6 +6,7 @@ import pkgutil
 import re
 import subprocess
 import sys
+import zipfile
 
 import dinorank_jax
 
@@ -33,3 +34,30 @@ def test_losses_never_import_models():
   offenders = [p.name for p in (ROOT / "losses").glob("*.py")
                if re.search(r"^\s*(from|import)\s+dinorank_jax\.models", p.read_text(), re.M)]
   assert not offenders, offenders
+
+
+def test_the_method_is_cited_inside_the_repository():
+  """No module, config, test or doc points outside the repository; every
+  `method §N` names a section of docs/method.md."""
+  repo = ROOT.parent
+  sections = set(re.findall(r"^## §(\d+) ", (repo / "docs" / "method.md").read_text(), re.M))
+  assert sections == {str(n) for n in range(1, 8)}
+  texts = [p for d in ("dinorank_jax", "configs", "tests", "docs", "launch")
+           for p in (repo / d).rglob("*") if p.suffix in (".py", ".md", ".sh")]
+  texts += [repo / "README.md", repo / "pyproject.toml"]
+  for path in texts:
+    if path == pathlib.Path(__file__):
+      continue
+    text = path.read_text()
+    assert "SPEC" not in text and "../shared" not in text, path
+    for n in re.findall(r"method §(\d+)", text):
+      assert n in sections, (path, n)
+
+
+def test_the_wheel_builds_without_warnings_and_holds_the_package_only(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path),
+                        str(ROOT.parent)], capture_output=True, text=True, check=True)
+  assert "Warning" not in out.stdout + out.stderr, (out.stdout + out.stderr)[-3000:]
+  names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+  assert "dinorank_jax/train.py" in names
+  assert not any(n.startswith(("configs/", "launch/", "tests/")) for n in names)

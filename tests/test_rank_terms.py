@@ -1,4 +1,4 @@
-"""The ranking terms of SPEC §3 over a sharded batch, and their stability."""
+"""The ranking terms of method §3 over a sharded batch, and their stability."""
 
 import functools
 

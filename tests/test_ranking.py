@@ -1,4 +1,4 @@
-"""The Plackett-Luce hierarchy of SPEC §2: CLIP ⊂ RankCLIP ⊂ order 2 ⊂ order 3 …"""
+"""The Plackett-Luce hierarchy of method §2: CLIP ⊂ RankCLIP ⊂ order 2 ⊂ order 3 …"""
 
 import functools
 import itertools

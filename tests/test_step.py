@@ -1,4 +1,4 @@
-"""The sharded train step of SPEC §6 eq. 4 on the tiny model."""
+"""The sharded train step of method §6 eq. 4 on the tiny model."""
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,7 @@
 """The CLIP BPE tokenizer against known ids and a direct BPE over the merges."""
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -58,3 +59,32 @@ def test_local_hugging_face_directory():
   assert ids[0] == tok.sot_id and tok.eot_id in ids.tolist() and tok.vocab_size > 30000
   with pytest.raises(FileNotFoundError, match="--tokenizer"):
     TextTokenizer("/nonexistent")
+
+
+def _bert_style(directory, padding=True):
+  """A BERT-style `tokenizer.json`: WordPiece, `[CLS] … [SEP]`, and (like many
+  exported tokenizers) its own padding to 16 and truncation to 8."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+  vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "red", "cube",
+                                       "on", "blue", "grass"])}
+  tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.post_processor = processors.TemplateProcessing(
+      single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+  if padding:
+    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=16)
+    tok.enable_truncation(8)
+  os.makedirs(directory, exist_ok=True)
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  return str(directory)
+
+
+def test_bert_style_tokenizer_ids_come_from_its_special_tokens(tmp_path):
+  tok = TextTokenizer(_bert_style(tmp_path / "bert"))
+  assert (tok.sot_id, tok.eot_id, tok.pad_id, tok.vocab_size) == (2, 3, 0, 10)
+  rows = tok(["a red cube", "a blue cube on red grass " * 20], length=12)
+  assert rows[0].tolist() == [2, 4, 5, 6, 3] + [0] * 7        # our padding, to our length
+  assert rows[1, 0] == 2 and rows[1, -1] == 3 and len(rows[1]) == 12   # the end token survives
+  assert rows.max() < tok.vocab_size
+  # Without its own padding the ids are the same.
+  assert TextTokenizer(_bert_style(tmp_path / "plain", padding=False)).eot_id == 3

@@ -1,1 +1,1 @@
-"""Data: tokenizer, record format, corpus builders and the Grain pipeline (SPEC §7)."""
+"""Data: tokenizer, record format, corpus builders and the Grain pipeline (method §7)."""

@@ -1,4 +1,4 @@
-"""The Grain input pipeline with crop-aligned teacher targets (SPEC §7).
+"""The Grain input pipeline with crop-aligned teacher targets (method §7).
 
     ArrayRecordDataSource → per-epoch shuffle (seeded) → this process's rows
     of each global batch → decode + random resized crop + flip (seeded by

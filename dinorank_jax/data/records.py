@@ -1,4 +1,4 @@
-"""The corpus format: one ArrayRecord record per image-caption pair (SPEC §7).
+"""The corpus format: one ArrayRecord record per image-caption pair (method §7).
 
 A record is a msgpack map; NumPy arrays are stored as `{"__nd__": dtype,
 "shape": [...], "data": bytes}`, so any Python with msgpack and NumPy reads

@@ -1,4 +1,4 @@
-"""Symmetric InfoNCE over the global batch (SPEC §1, paper eq. 1).
+"""Symmetric InfoNCE over the global batch (method §1, paper eq. 1).
 
 Rows are sharded over a mesh axis: each device scores its local rows against
 the all-gathered columns, as open_clip does, so memory is linear in the local

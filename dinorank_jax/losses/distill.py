@@ -1,4 +1,4 @@
-"""Distillation from the frozen teacher (SPEC §4, paper §4.1).
+"""Distillation from the frozen teacher (method §4, paper §4.1).
 
 All losses take the student and teacher features of the *local* batch and
 return float32 `(loss, metrics)`:

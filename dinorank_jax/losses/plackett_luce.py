@@ -1,11 +1,11 @@
-"""Plackett-Luce list likelihoods: the pure math of SPEC §2 (paper eqs. 2, 6).
+"""Plackett-Luce list likelihoods: the pure math of method §2 (paper eqs. 2, 6).
 
 Shapes: `rows` list rows (the local rows of a shard), `M` items per list,
 `C` positions per chunk, `Dq` the width of the fused correction queries.
 
 A list term scores, for row `i`, the reference order `π = argsort(−Q_i)` under
 utilities built from `P_i`. Positions are 0-indexed here (`k = 0 .. K−1`);
-SPEC's 1-indexed `1[k ≥ r]` becomes `k ≥ r − 1`.
+The method's 1-indexed `1[k ≥ r]` becomes `k ≥ r − 1`.
 
 Two paths compute per-position negative log-likelihoods `ℓ_k`:
 
@@ -120,7 +120,7 @@ def centred_utilities(pred: jax.Array, corr: jax.Array,
                       remaining: jax.Array) -> jax.Array:
   """`u_k(j) = P_ij + c(j) − mean_{j' ∈ R_k} c(j')`.
 
-  The row-centring of SPEC §2. The likelihood is shift invariant over `R_k`
+  The row-centring of method §2. The likelihood is shift invariant over `R_k`
   (the chosen item is in `R_k` too), so centring changes no loss value or
   gradient in exact arithmetic; it keeps the corrections' offsets out of the
   float32 logsumexp. The offset's exact derivative is zero

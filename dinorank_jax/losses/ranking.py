@@ -1,4 +1,4 @@
-"""The ranking terms of the objective (SPEC §2-3).
+"""The ranking terms of the objective (method §2-3).
 
 `rank_losses` assembles the cross-modal and in-modal terms of eqs. 3 and 8
 with rows sharded over a mesh axis; each list is scored by a list head, the
@@ -29,7 +29,7 @@ def active_gates(gates: jax.Array, active_order) -> jax.Array:
 def gate_penalty(head_params: dict, active_order=None) -> jax.Array:
   """`Σ_r (r − 1) g_r²` over the `gate_{r}` parameters of one head.
 
-  Multiply by `λ_g` (SPEC §6). Inactive orders contribute nothing, so the
+  Multiply by `λ_g` (method §6). Inactive orders contribute nothing, so the
   loss before an order's start equals the lower-order loss.
   """
   orders = sorted(int(n.split("_")[1]) for n in head_params if n.startswith("gate_"))
@@ -51,7 +51,7 @@ def mutual_rank_term(head_a: ListHead, a: jax.Array, items_a: jax.Array,
                      tie_keys=(None, None), **head_kwargs) -> jax.Array:
   """`½ [PL(A, B, items_a, θ_a) + PL(B, A, items_b, θ_b)]` per row, `[rows]`.
 
-  Both terms of SPEC §3 have this form: each matrix is ranked in the order
+  Both terms of method §3 have this form: each matrix is ranked in the order
   of the other (cross-modal: A = S, B = Sᵀ; in-modal: A = S^I, B = S^T).
 
   Args:
@@ -70,7 +70,7 @@ def rank_losses(u: jax.Array, v: jax.Array, scale: jax.Array, *,
                 axis_name: str | None = None, scope: str = "global",
                 tie_key: jax.Array | None = None,
                 **head_kwargs) -> tuple[jax.Array, jax.Array]:
-  """`(L_cross^R, L_in^R)` of SPEC §3 (paper eqs. 3, 8).
+  """`(L_cross^R, L_in^R)` of method §3 (paper eqs. 3, 8).
 
       L_cross = ½ [PL(S, Sᵀ, V, θ^T) + PL(Sᵀ, S, U, θ^I)]
       L_in    = ½ [PL(S^I, S^T, U, θ^I) + PL(S^T, S^I, V, θ^T)]

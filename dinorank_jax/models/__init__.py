@@ -1,4 +1,4 @@
-"""The networks of SPEC §4, §5, §7 as flax.linen modules, and the rank heads."""
+"""The networks of method §4, §5, §7 as flax.linen modules, and the rank heads."""
 
 from dinorank_jax.models.dinorankclip import CONFIG_FIELDS, DinoRankCLIP, from_config, list_heads
 from dinorank_jax.models.fusion import FUSION_MODES, Fusion

@@ -1,6 +1,6 @@
 """DinoRankCLIP: CLIP towers + students + fusion per modality, and the rank heads.
 
-Data flow of one batch (SPEC §5, §7; docs/model.md draws it):
+Data flow of one batch (method §5, §7; docs/model.md draws it):
 
     images ─ ViT trunk ──────── z_I ─┐
            └ ViT-Ti student ─ c, X ──┴ Fusion_I ─ u = f_I/‖f_I‖
@@ -45,7 +45,7 @@ def normalise(x: jax.Array) -> jax.Array:
 
 class TeacherProjection(nn.Module):
   """Linear maps of student tokens and class token to the teacher's widths,
-  for the `mse`, `cosine` and `crd` distillation criteria (SPEC §4)."""
+  for the `mse`, `cosine` and `crd` distillation criteria (method §4)."""
   token_dim: int
   cls_dim: int
   dtype: Any = jnp.bfloat16
@@ -59,7 +59,7 @@ class TeacherProjection(nn.Module):
 
 
 class DinoRankCLIP(nn.Module):
-  """The whole network (SPEC §4, §5, §7).
+  """The whole network (method §4, §5, §7).
 
   Attributes:
     embed_dim: D, the joint embedding width.

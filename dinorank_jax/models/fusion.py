@@ -1,4 +1,4 @@
-"""Conflict-aware multi-scale fusion (SPEC §5, paper eq. 5).
+"""Conflict-aware multi-scale fusion (method §5, paper eq. 5).
 
 Per modality, with its own weights: the student tokens `X` are pooled by a
 1-D spatial pyramid (`bins` segments each, max), re-weighted by CBAM channel

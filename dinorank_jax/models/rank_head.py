@@ -1,4 +1,4 @@
-"""The high-order Plackett-Luce rank head θ (SPEC §2, paper eqs. 6-7).
+"""The high-order Plackett-Luce rank head θ (method §2, paper eqs. 6-7).
 
 `HighOrderPL(order=R)` is the list likelihood of paper eq. 6 with the
 transition heads of eq. 7: order 0 is the constant of CLIP, order 1 is
@@ -7,7 +7,7 @@ gated, row-centred history corrections. It is a module with parameters, so
 it lives with the networks; the likelihoods it evaluates and the ranking
 terms that call it are in `losses/`.
 
-Choices where SPEC is silent (also in docs/ranking.md):
+Choices where the method is silent (also in docs/ranking.md):
 * Head projections carry no bias; the order ≥ 4 history layer has
   `history_heads` attention heads of width `head_dim / history_heads` and a
   4× MLP, and only its last token is computed (one layer: the other tokens'

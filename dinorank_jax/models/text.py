@@ -1,4 +1,4 @@
-"""Text towers on CLIP BPE tokens (SPEC §7).
+"""Text towers on CLIP BPE tokens (method §7).
 
 `TextTransformer` is CLIP's text trunk: causal mask, learned positions,
 pooled at the first end-of-text token, projected to the embedding. Pooling

@@ -1,4 +1,4 @@
-"""Vision Transformer: pre-LN, class token, learned position embeddings (SPEC §7).
+"""Vision Transformer: pre-LN, class token, learned position embeddings (method §7).
 
 Sizes are ml_collections-friendly names `"<size>/<patch>"`: `"Ti/16"` is the
 image student (192 wide, 12 layers, 3 heads), `"B/32"` the image trunk (768,

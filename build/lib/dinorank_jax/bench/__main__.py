@@ -1,0 +1,128 @@
+"""One benchmark command.
+
+    python -m dinorank_jax.bench --suite all                      # CPU, reduced size
+    python -m dinorank_jax.bench --suite step,mfu --device gpu    # the paper's shape
+    python -m dinorank_jax.bench --suite step --profile /tmp/trace
+    python -m dinorank_jax.bench --suite compile --device gpu      # compile cost, any backend
+
+Suites (comma-separated, or `all`):
+
+* `compile`: tracing, lowering and compiling the initialiser and the train
+  step at orders 0 and 3 from abstract shapes: equations, seconds, memory
+  (`bench.compile`);
+* `step`: the full train step at orders 0–5, each as a ratio to order 0
+  measured in the same process, next to the paper's Table 5;
+* `mfu`: model FLOPs utilisation of CLIP (no students, order 0) and of the
+  full order-3 model (`bench.step`, `bench.flops`);
+* `rank`: the exact order-3 loss as rows and M grow: time, temporaries and
+  fitted exponents (`bench.losses.scaling`);
+* `data`: the input pipeline against a bare decode loop (`bench.data`).
+
+`--device` picks the shape (`bench.step.SHAPES`) and checks the backend
+(`--suite compile` alone compiles the gpu shape on any backend);
+`--model scan=false,remat=dots` overrides `config.model` fields of every
+model (an A/B in two calls; `compilation_cache` flags as in `main`);
+`--profile DIR` writes a JAX profiler trace of three order-3 steps
+(docs/performance.md says how to open it); `--json FILE` writes every number.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import jax
+
+from dinorank_jax import compilation, errors
+from dinorank_jax.bench import compile as compile_suite
+from dinorank_jax.bench import data, losses, step
+
+SUITES = ("compile", "step", "mfu", "rank", "data")
+
+
+def model_overrides(text: str) -> dict:
+  """`"scan=false,remat=dots"` -> `{"scan": False, "remat": "dots"}`."""
+  out = {}
+  for item in filter(None, text.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise argparse.ArgumentTypeError(f"--model takes key=value pairs, got {item!r}")
+    lowered = value.lower()
+    out[key] = (lowered == "true") if lowered in ("true", "false") else value
+  return out
+
+
+def parse(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--suite", default="all", help=f"'all' or a comma list of {SUITES}")
+  p.add_argument("--device", default="cpu", choices=sorted(step.SHAPES))
+  p.add_argument("--orders", default="0,1,2,3,4,5", help="step suite: rank orders")
+  p.add_argument("--rows", type=int, help="rows per device (default: the shape's)")
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: "
+                 "the vendor's dense bf16 figure for known GPUs)")
+  p.add_argument("--data_records", type=int, default=512, help="data suite: records")
+  p.add_argument("--profile", help="write a profiler trace of three order-3 steps here")
+  p.add_argument("--json", help="also write every number to this file")
+  p.add_argument("--model", type=model_overrides, default={},
+                 help="config.model overrides for every model, e.g. scan=false,remat=dots")
+  compilation.add_cache_flags(p)
+  args = p.parse_args(argv)
+  args.suites = SUITES if args.suite == "all" else tuple(args.suite.split(","))
+  unknown = set(args.suites) - set(SUITES)
+  if unknown:
+    p.error(f"unknown suite(s) {sorted(unknown)}: use 'all' or some of {SUITES}")
+  return args
+
+
+@errors.guard
+def main(argv=None):
+  args = parse(argv)
+  compilation.use_cache_from_flags(args)
+  if args.device == "gpu" and jax.default_backend() != "gpu" and set(args.suites) != {"compile"}:
+    raise SystemExit(f"--device gpu, but JAX's backend is {jax.default_backend()}: install "
+                     "jax[cuda12] on a GPU machine, or use --device cpu")
+  device = jax.devices()[0]
+  print(f"{jax.device_count()} x {device.device_kind} ({jax.default_backend()}), "
+        f"{os.cpu_count()} CPU cores, JAX {jax.__version__}")
+  results, started = {"device": device.device_kind, "devices": jax.device_count()}, time.time()
+  if "compile" in args.suites:
+    results["compile"] = compile_suite.run(args.device, rows=args.rows, overrides=args.model)
+    print(compile_suite.format_table(results["compile"], f"\ncompile ({args.device} shape, "
+                                     f"{args.model or 'default model'})"))
+  models = {}
+  if "step" in args.suites:
+    models |= step.order_models(int(r) for r in args.orders.split(","))
+  if "mfu" in args.suites or args.profile:
+    models |= step.MFU_MODELS
+  if models:
+    table = step.measure(models, args.device, rows=args.rows, rounds=args.rounds,
+                         repeats=args.repeats, peak=args.peak_tflops,
+                         profile=("order 3", args.profile) if args.profile else None,
+                         overrides=args.model)
+    rows = {r["model"]: r for r in table}
+    if "step" in args.suites:
+      results["step"] = step.add_order_ratios([r for r in table if r["model"].startswith("order")])
+      print(step.format_table(results["step"], f"\nstep cost by order ({args.device} shape, "
+                              f"{table[0]['rows']} rows x {table[0]['devices']} devices)"))
+    if "mfu" in args.suites:
+      results["mfu"] = [rows[label] for label in step.MFU_MODELS]
+      print(step.format_table(results["mfu"], "\nmodel FLOPs utilisation"))
+  if "rank" in args.suites:
+    results["rank"] = losses.scaling(repeats=args.repeats)
+    print("\n" + losses.format_scaling(results["rank"]))
+  if "data" in args.suites:
+    results["data"] = data.run(num_records=args.data_records, rounds=args.rounds)
+    print(data.format_table(results["data"], f"\ninput pipeline ({args.data_records} records "
+                                             "at 256 px, crops to 224 px)"))
+  if args.profile:
+    print(f"\nprofile of three order-3 steps: {args.profile} (docs/performance.md)")
+  print(f"\ntotal {time.time() - started:.0f} s")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,203 @@
+"""Train-step benchmark: the cost of each rank order (the paper's Table 5) and MFU.
+
+For each order, the full train step (forward, backward, AdamW update) of the
+same model, students and gated fusion on, with the config's default
+truncation (`high_order_len` 128), on one synthetic batch, past the staged
+warm start so every order is active. All orders are compiled first, then
+timed in interleaved rounds (a noisy neighbour slows every order alike);
+each time is the median over rounds × repeats, and each ratio is to order 0
+of the same run, so it isolates the rank terms.
+
+Shapes: `gpu` is the paper's per-device shape (ViT-B/32 + text B, ViT-Ti/16
+students, 224 px, 512 rows per device, bfloat16); `cpu` the demo's model
+(tiny/8 trunks, 32 px, 128 rows, float32). The batch is sharded over every
+local device, so the global batch is rows × devices.
+
+MFU = analytic model FLOPs of the step (`bench.flops`) / step time / the
+devices' peak dense bf16 rate (from the vendor's sheet, or `peak_tflops`).
+"""
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dinorank_jax import config as config_lib
+from dinorank_jax import optim, parallel
+from dinorank_jax.bench import flops
+from dinorank_jax.data.tokenizer import CONTEXT_LENGTH
+from dinorank_jax.optim import WARM_START_EPOCHS
+from dinorank_jax.step import (Objective, TrainState, abstract_inputs, make_train_step,
+                               state_initializer)
+from dinorank_jax.train import build_model
+
+# The paper's Table 5, "step time" (ms) by rank order.
+PAPER_MS = {0: 301, 1: 312, 2: 348, 3: 379, 4: 412, 5: 446}
+VOCAB_SIZE, EOT_ID = 49408, 49407
+SHAPES = {
+    "gpu": {"model": {}, "image_size": 224, "rows": 512, "dtype": "bfloat16",
+            "teacher": {"grid": 14, "pca_dim": 256, "cls_dim": 1024, "text_len": 32,
+                        "text_dim": 384}},
+    "cpu": {"model": {"embed_dim": 64, "image_trunk": "tiny/8", "text_trunk": "tiny",
+                      "image_student": "tiny/8", "text_student": "tiny", "rank_head_dim": 16},
+            "image_size": 32, "rows": 128, "dtype": "float32",
+            "teacher": {"grid": 4, "pca_dim": 8, "cls_dim": 10, "text_len": 12, "text_dim": 6}},
+}
+# Dense bf16 peak per device, TFLOP/s (NVIDIA data sheets, SXM parts).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_tflops(device) -> float | None:
+  kind = device.device_kind
+  return next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+
+
+def synthetic_batch(rows: int, image_size: int, teacher: dict, seed: int = 0) -> dict:
+  """A host batch of the trainer's fields, random but well-formed."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(5, CONTEXT_LENGTH - 1, rows)
+  tokens = np.zeros((rows, CONTEXT_LENGTH), np.int32)
+  for i, n in enumerate(lengths):
+    tokens[i, :n] = rng.integers(1, VOCAB_SIZE - 2, n)
+    tokens[i, n] = EOT_ID
+  grid, text_len = teacher["grid"], teacher["text_len"]
+  half = lambda *shape: rng.normal(size=(rows, *shape)).astype(np.float16)
+  return {
+      "image": rng.integers(0, 256, (rows, image_size, image_size, 3), dtype=np.uint8),
+      "tokens": tokens,
+      "crop": np.column_stack([rng.uniform(0, 0.3, (rows, 2)),
+                               rng.uniform(0.5, 0.7, (rows, 2))]).astype(np.float32),
+      "flip": rng.integers(0, 2, rows).astype(bool),
+      "teacher_patches": half(grid, grid, teacher["pca_dim"]),
+      "teacher_cls": half(teacher["cls_dim"]),
+      "teacher_text_tokens": half(text_len, teacher["text_dim"]),
+      "teacher_text_mask": np.arange(text_len)[None] < rng.integers(2, text_len, (rows, 1)),
+      "teacher_text_pooled": half(teacher["text_dim"]),
+  }
+
+
+def bench_model(order: int, shape: dict, students: str = "both", overrides: dict | None = None):
+  """`(model, objective, tx)` of the paper's config at `order`, resized to
+  `shape`, with `overrides` of `config.model` fields (e.g. `scan`, `remat`)."""
+  c = config_lib.paper(order=order, students=students)
+  c.model.update(**shape["model"], dtype=shape["dtype"], **(overrides or {}))
+  model = build_model(c, {"vocab_size": VOCAB_SIZE, "eot_id": EOT_ID})
+  objective = Objective(**c.objective.to_dict())
+  tx = optim.adamw(optim.learning_rate(c.optim.lr, 1, 100), c.optim.weight_decay)
+  return model, objective, tx
+
+
+def random_state(model, tx, mesh, image_size: int, objective: Objective, seed: int = 0):
+  """`(state, shardings)` with parameters drawn straight from the abstract
+  shapes (normal, scaled by 0.02; the values do not matter for timing), so
+  no initialiser is compiled on the device. Past the staged warm start (one
+  step per "epoch"), so every order is active."""
+  init, shardings = state_initializer(model, tx, mesh, image_size, seed, objective)
+  abstract = jax.eval_shape(init, *abstract_inputs(image_size)).params
+  leaves, treedef = jax.tree.flatten(abstract)
+
+  def draw(key):
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([0.02 * jax.random.normal(k, x.shape, x.dtype)
+                              for k, x in zip(keys, leaves)])
+  params = jax.jit(draw, out_shardings=shardings.params)(jax.random.key(seed))
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  step = jax.device_put(jnp.int32(WARM_START_EPOCHS[1]), shardings.step)
+  return TrainState(step, params, opt_state, {}), shardings   # no ALIP statistics
+
+
+def compile_step(order: int, shape: dict, mesh, host_batch: dict, students: str = "both",
+                 overrides: dict | None = None):
+  """`[compiled step, state, batch, model, temp bytes]` for one model."""
+  model, objective, tx = bench_model(order, shape, students, overrides)
+  state, shardings = random_state(model, tx, mesh, shape["image_size"], objective)
+  step = make_train_step(model, tx, objective, mesh, shardings, steps_per_epoch=1, epochs=64)
+  batch = parallel.global_batch(mesh, host_batch)
+  compiled = step.lower(state, batch).compile()
+  return [compiled, state, batch, model, compiled.memory_analysis().temp_size_in_bytes]
+
+
+def _run_steps(run, count):
+  for _ in range(count):
+    run[1], metrics = run[0](run[1], run[2])
+  jax.block_until_ready((run[1], metrics))
+
+
+def measure(models: dict, shape_name: str, *, rows: int | None = None, rounds: int = 3,
+            repeats: int = 3, peak: float | None = None,
+            profile: tuple[str, str] | None = None,
+            overrides: dict | None = None) -> list[dict]:
+  """Times each of `models` (`label: (order, students)`) and returns one row
+  each: median ms, temporaries, FLOPs, TFLOP/s, MFU. `overrides` change
+  `config.model` fields of every model (`bench_model`).
+  `profile = (label, directory)` writes a profiler trace of three steps
+  (TensorBoard's `*.xplane.pb` and Perfetto's `perfetto_trace.json.gz`)."""
+  shape = SHAPES[shape_name]
+  mesh = parallel.make_mesh()
+  devices = mesh.devices.size
+  rows = rows or shape["rows"]
+  host = synthetic_batch(rows * devices, shape["image_size"], shape["teacher"])
+  runs = {label: compile_step(order, shape, mesh, host, students, overrides)
+          for label, (order, students) in models.items()}
+  times = {label: [] for label in runs}
+  for run in runs.values():
+    _run_steps(run, 1)                                   # warm-up
+  for _ in range(rounds):
+    for label, run in runs.items():
+      for _ in range(repeats):
+        start = time.perf_counter()
+        _run_steps(run, 1)
+        times[label].append(1e3 * (time.perf_counter() - start))
+  if profile:
+    label, directory = profile
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+      _run_steps(runs[label], 3)
+  peak = peak or peak_tflops(jax.devices()[0])
+  table = []
+  for label, run in runs.items():
+    ms = statistics.median(times[label])
+    total = flops.train_step(run[3], shape["image_size"], rows * devices)["total"]
+    achieved = total / (ms / 1e3) / 1e12
+    table.append({"model": label, "ms": ms, "rows": rows,
+                  "devices": devices, "temp_mib": run[4] / 2 ** 20,
+                  "tflop_per_step": total / 1e12, "tflops": achieved,
+                  "mfu": achieved / (peak * devices) if peak else None})
+  return table
+
+
+def order_models(orders) -> dict:
+  """Table 5's models: the full model (students, gated fusion) at each order."""
+  return {f"order {r}": (r, "both") for r in orders}
+
+
+# MFU's two models: CLIP's towers alone, and the paper's full order-3 model.
+MFU_MODELS = {"CLIP": (0, "none"), "order 3": (3, "both")}
+
+
+def add_order_ratios(table) -> list[dict]:
+  """Each `order r` row's time as a ratio to order 0's, next to the paper's;
+  it meets the target when it is at most the paper's ratio."""
+  table = [dict(r) for r in table]
+  rows = {r["model"]: r for r in table}
+  base = rows["order 0"]["ms"]
+  for order, paper in PAPER_MS.items():
+    if f"order {order}" in rows:
+      row = rows[f"order {order}"]
+      row.update(ratio=row["ms"] / base, paper_ratio=paper / PAPER_MS[0])
+      row["met"] = row["ratio"] <= row["paper_ratio"]
+  return table
+
+
+def format_table(table, title) -> str:
+  lines = [title, f"{'model':<10}{'ms':>10}{'ratio':>7}{'paper':>7}{'target':>8}"
+                  f"{'temp MiB':>10}{'TFLOP':>9}{'TFLOP/s':>9}{'MFU':>7}"]
+  for r in table:
+    ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
+    paper = f"{r['paper_ratio']:.2f}" if "paper_ratio" in r else ""
+    verdict = ("met" if r["met"] else "MISSED") if "met" in r else ""
+    mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    lines.append(f"{r['model']:<10}{r['ms']:>10.2f}{ratio:>7}{paper:>7}{verdict:>8}"
+                 f"{r['temp_mib']:>10.1f}{r['tflop_per_step']:>9.4f}{r['tflops']:>9.3f}{mfu:>7}")
+  return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""Orbax checkpoints: the train state and the data iterator in one step directory.
+
+`workdir/checkpoints/<step>/` holds `state` (the `TrainState`, every array
+saved by every process's shards) and `data` (the Grain iterator's position),
+so a resumed run continues with exactly the batches it would have seen.
+Saves are asynchronous; a step directory counts only once orbax has
+committed it, so a run killed mid-save resumes from the last complete one.
+Restoring takes an abstract state carrying the *new* shardings, so a
+checkpoint written on 8 devices restores onto 4; a checkpoint whose
+parameters are not the model's (another layout, architecture or shape) is
+refused in one line before orbax is asked to restore it. A checkpoint that
+fails to restore (damaged files) is reported in one line, its step and why,
+and the one before it is tried; nothing is deleted.
+"""
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import sys
+
+import grain
+import jax
+from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
+
+from dinorank_jax.errors import UserError
+
+
+class IncompatibleCheckpoint(UserError, ValueError):
+  """The latest checkpoint holds other parameters than the model's; the
+  message names the difference and the fix."""
+
+
+class UnrestorableCheckpoints(UserError, RuntimeError):
+  """No checkpoint of the workdir could be restored; the message lists why."""
+
+
+def _param_shapes(tree) -> dict[str, tuple]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(getattr(x, "shape", ()))
+          for path, x in leaves}
+
+
+def _param_paths(tree) -> set[str]:
+  return set(_param_shapes(tree))
+
+
+def _reason(error: BaseException) -> str:
+  """The innermost cause of an orbax failure, on one line."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text[:160]}" if text else type(error).__name__
+
+
+def check_params(saved: dict, wanted: dict, where: str) -> None:
+  """Raises `IncompatibleCheckpoint` unless `saved` (the checkpoint's
+  parameter metadata) has exactly the parameter names of `wanted`."""
+  extra, missing = sorted(_param_paths(saved) - _param_paths(wanted)), sorted(
+      _param_paths(wanted) - _param_paths(saved))
+  if any("/block_0/" in p for p in extra) and any("/blocks/" in p for p in missing):
+    raise IncompatibleCheckpoint(
+        f"{where} holds unrolled encoder layers (block_0, …; written before scanned stacks): "
+        "resume it with --config.model.scan=False")
+  if any("/blocks/" in p for p in extra) and any("/block_0/" in p for p in missing):
+    raise IncompatibleCheckpoint(f"{where} holds scanned encoder layers: resume it with "
+                                 "--config.model.scan=True")
+  if not extra and not missing:
+    saved_shapes, wanted_shapes = _param_shapes(saved), _param_shapes(wanted)
+    differ = sorted(p for p in wanted_shapes if saved_shapes[p] != wanted_shapes[p])
+    if not differ:
+      return
+    p = differ[0]
+    raise IncompatibleCheckpoint(
+        f"{where} was written by another model ({p} has shape {saved_shapes[p]}, the model's "
+        f"is {wanted_shapes[p]}): resume with the config the run was started with (its "
+        "config.json)")
+  first = (f"it has {extra[0]}, which the model lacks" if extra
+           else f"it lacks the model's {missing[0]}")
+  raise IncompatibleCheckpoint(f"{where} was written by another model ({first}): resume "
+                               "with the config the run was started with (its config.json)")
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """Orbax's failed reads leave one unretrieved asyncio error and one
+  unraisable coroutine per array (hundreds of chained tracebacks); the
+  failure itself is reported in one line, so these are dropped here."""
+  asyncio_log = logging.getLogger("asyncio")
+  level, hook = asyncio_log.level, sys.unraisablehook
+  asyncio_log.setLevel(logging.CRITICAL)
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    yield
+  finally:
+    gc.collect()              # the abandoned coroutines are finalised while quiet
+    asyncio_log.setLevel(level)
+    sys.unraisablehook = hook
+
+
+class Checkpointer:
+  """Saves every `save_every` steps (and when forced), keeps `max_to_keep`."""
+
+  def __init__(self, workdir: str, *, save_every: int = 1000, max_to_keep: int = 3,
+               asynchronous: bool = True):
+    self.save_every = save_every
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                           enable_async_checkpointing=asynchronous)
+    self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                         options=options)
+
+  @property
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+    """Starts a save of `state` and the data iterator's `data_state` (its
+    `get_state()` taken where the next batch to train on is the first it
+    yields) at `step`, if due (or forced) and not saved already."""
+    if step == self.manager.latest_step() or not (force or step % self.save_every == 0):
+      return False
+    return self.manager.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_state))))
+
+  def restore(self, abstract_state, iterator):
+    """The latest state that restores (placed as `abstract_state` says),
+    moving `iterator` to its saved position; None when there is no
+    checkpoint. A damaged checkpoint is reported and the previous one tried;
+    `UnrestorableCheckpoints` when none restores."""
+    failures = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      where = f"checkpoint {step} in {self.manager.directory}"
+      try:
+        path = os.path.join(self.manager.directory, str(step), "state")
+        saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+      except Exception as e:  # orbax raises many types for damaged metadata
+        failures.append(f"{step}: {_reason(e)}")
+        logging.warning("%s cannot be read (%s); trying the one before", where, _reason(e))
+        continue
+      check_params(saved["params"], abstract_state.params, where)
+      try:
+        with _quiet_failed_reads():
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=grain.checkpoint.CheckpointRestore(iterator)))
+      except Exception as e:  # damaged array files, damaged data state
+        failures.append(f"{step}: {_reason(e)}")
+        logging.warning("%s cannot be restored (%s); trying the one before", where, _reason(e))
+        continue
+      if failures:
+        self._set_aside(step)
+        logging.warning("resuming from %s instead of the latest", where)
+      return restored["state"]
+    if failures:
+      raise UnrestorableCheckpoints(
+          f"no checkpoint in {self.manager.directory} restores ({'; '.join(failures)}): move "
+          "that directory aside to start afresh")
+    return None
+
+  def _set_aside(self, good: int) -> None:
+    """Moves the damaged steps after `good` to `workdir/damaged_checkpoints/`
+    (kept for inspection), so the run can save those steps again."""
+    aside = os.path.join(os.path.dirname(self.manager.directory), "damaged_checkpoints")
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in self.manager.all_steps():
+        if step > good:
+          os.replace(os.path.join(self.manager.directory, str(step)),
+                     os.path.join(aside, str(step)))
+          logging.warning("moved the damaged checkpoint %d to %s", step, aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("damaged checkpoints set aside")
+    self.manager.reload()
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def abstract_state(tree, shardings):
+  """Shapes and dtypes of `tree`, placed by `shardings` (a restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+class _FrozenIteratorState:
+  """A data iterator's state taken earlier; Grain's checkpoint handler saves
+  what `get_state()` returns (JSON bytes for objects that are not Grain
+  iterators), and restores it into the live iterator as usual."""
+
+  def __init__(self, state: dict):
+    self.state = state
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.state).encode()

@@ -1,0 +1,1 @@
+"""Data: tokenizer, record format, corpus builders and the Grain pipeline (method §7)."""

@@ -1,0 +1,274 @@
+"""Builds an ArrayRecord corpus from images and captions.
+
+    python -m dinorank_jax.data.build --source synthetic --out DIR [--num 20000] [--split val]
+    python -m dinorank_jax.data.build --source tsv --input pairs.tsv --out DIR
+    python -m dinorank_jax.data.build --source webdataset --input 'cc3m/*.tar' --out DIR
+
+Sources: `synthetic` (dinorank_jax.data.synthetic); `tsv`/`csv`, a table with
+a header naming an image-path column (`--image_column`, default `image`;
+relative paths are read from the table's folder) and a caption column
+(`--caption_column`, default `caption`), one optional `key` column; and
+`webdataset`, tar shards as img2dataset writes them (`{key}.jpg` +
+`{key}.txt`).
+
+Synthetic captions (for the ALIP baseline, `configs/alip.py`) come from a
+table's `--syn_caption_column` (default `syn_caption`, used when the table
+has it) or a `{key}.syn.txt` member of a webdataset sample; producing them
+with a captioning model is the user's step (docs/data.md). A record gets
+`syn_caption` and `syn_tokens` where its synthetic caption is not empty. Every image is decoded, converted to RGB, downscaled to a short
+side of at most `--max_side` and re-encoded as JPEG. An unreadable image or
+an empty caption is skipped, counted and its key logged; the run ends with
+`written N, skipped M (corrupt K, empty caption L)`. Inputs are cut into
+shards of `--shard_size` in input order; a re-run skips finished shards.
+
+A build records its arguments in `DIR/build.json`
+(`records.claim_directory`); rerunning into the same `--out` with other
+arguments is refused (`--overwrite` replaces the old dataset), so shards of
+two different builds never mix. Captions of any length
+are read (the tokens keep the first 77).
+"""
+
+import argparse
+import csv
+import functools
+import glob
+import io
+import itertools
+import logging
+import multiprocessing
+import os
+import sys
+import tarfile
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+from PIL import Image
+from tqdm import tqdm
+
+from dinorank_jax import errors
+from dinorank_jax.data import records, synthetic
+from dinorank_jax.data.tokenizer import CONTEXT_LENGTH, TextTokenizer
+
+# The arguments that decide what a build writes (not how fast: --workers).
+CONTENT_ARGS = ("source", "input", "image_column", "caption_column", "syn_caption_column",
+                "num", "seed", "image_size", "max_side", "shard_size", "tokenizer")
+csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))   # captions of any length
+
+
+class Skip(Exception):
+  """An input that cannot become a record; `reason` is `corrupt` or `empty_caption`."""
+
+  def __init__(self, reason):
+    super().__init__(reason)
+    self.reason = reason
+
+
+def reencode(image_bytes: bytes, max_side: int, quality: int = 90) -> bytes:
+  """JPEG bytes of the image with its short side at most `max_side`."""
+  try:
+    image = Image.open(io.BytesIO(image_bytes))
+    image.load()
+    image = image.convert("RGB")
+  except Exception as e:  # PIL raises many types for bad bytes
+    raise Skip("corrupt") from e
+  short = min(image.size)
+  if short > max_side:
+    scale = max_side / short
+    image = image.resize((round(image.width * scale), round(image.height * scale)),
+                         Image.BICUBIC)
+  out = io.BytesIO()
+  image.save(out, format="JPEG", quality=quality)
+  return out.getvalue()
+
+
+# Each source yields cheap descriptors; `load` turns one into
+# `(key, image bytes, caption, extra fields)`, in the shard's worker.
+
+def synthetic_source(args):
+  return range(args.num), functools.partial(_load_synthetic, args.seed, args.image_size)
+
+
+def _load_synthetic(seed, size, index):
+  return synthetic.example(seed, index, size)
+
+
+def table_source(args):
+  delimiter = "\t" if args.source == "tsv" else ","
+  folder = os.path.dirname(os.path.abspath(args.input))
+  with open(args.input, newline="") as f:
+    rows = list(csv.DictReader(f, delimiter=delimiter))
+  for column in (args.image_column, args.caption_column):
+    if rows and column not in rows[0]:
+      raise ValueError(f"{args.input} has no column {column!r} (columns: {list(rows[0])}); "
+                       "set --image_column / --caption_column")
+  items = [(row.get("key") or f"{i:09d}", os.path.join(folder, row[args.image_column]),
+            row[args.caption_column], row.get(args.syn_caption_column) or "")
+           for i, row in enumerate(rows)]
+  return items, _load_file
+
+
+def _load_file(item):
+  key, path, caption, syn_caption = item
+  try:
+    with open(path, "rb") as f:
+      image = f.read()
+  except OSError:
+    image = b""
+  return key, image, caption, {"syn_caption": syn_caption}
+
+
+def webdataset_source(args):
+  paths = sorted(glob.glob(args.input))
+  if not paths:
+    raise FileNotFoundError(f"no tar shards match --input {args.input!r}")
+  return _webdataset_items(paths), _identity
+
+
+def _webdataset_items(paths):
+  for path in paths:
+    with tarfile.open(path) as tar:
+      group, current = {}, None
+      for member in tar:
+        if not member.isfile():
+          continue
+        key, _, ext = member.name.rpartition("/")[2].partition(".")
+        if key != current and group:
+          yield _webdataset_item(current, group)
+          group = {}
+        current = key
+        group[ext] = tar.extractfile(member).read()
+      if group:
+        yield _webdataset_item(current, group)
+
+
+def _webdataset_item(key, group):
+  image = next((group[e] for e in ("jpg", "jpeg", "png", "webp") if e in group), b"")
+  text = lambda ext: group.get(ext, b"").decode("utf-8", errors="replace")
+  return key, image, text("txt"), {"syn_caption": text("syn.txt")}
+
+
+def _identity(item):
+  return item
+
+
+SOURCES = {"synthetic": synthetic_source, "tsv": table_source, "csv": table_source,
+           "webdataset": webdataset_source}
+
+
+def _shard_records(items, load, max_side):
+  """Records of one shard (without tokens) and its statistics: skips, and
+  how many records carry a synthetic caption."""
+  out, stats = [], {"corrupt": 0, "empty_caption": 0, "syn_caption": 0, "skipped_keys": []}
+  for item in items:
+    key, image, caption, extra = load(item)
+    try:
+      caption = " ".join(caption.split())
+      if not caption:
+        raise Skip("empty_caption")
+      syn_caption = " ".join(extra.pop("syn_caption", "").split())
+      if syn_caption:
+        extra["syn_caption"] = syn_caption
+        stats["syn_caption"] += 1
+      out.append({"key": key, "jpeg": reencode(image, max_side), "caption": caption, **extra})
+    except Skip as skip:
+      stats[skip.reason] += 1
+      stats["skipped_keys"].append(key)
+      logging.warning("skipped %s: %s", key, skip.reason)
+  return out, stats
+
+
+def _build_shard(directory, index, items, load, max_side, tokenizer_dir):
+  recs, stats = _shard_records(items, load, max_side)
+  if recs:
+    tokenizer = TextTokenizer(tokenizer_dir)
+    for r, t in zip(recs, tokenizer([r["caption"] for r in recs], CONTEXT_LENGTH)):
+      r["tokens"] = t
+    described = [r for r in recs if "syn_caption" in r]
+    if described:
+      for r, t in zip(described, tokenizer([r["syn_caption"] for r in described],
+                                           CONTEXT_LENGTH)):
+        r["syn_tokens"] = t
+  return records.write_shard(directory, index, recs, stats)
+
+
+def _content(args) -> dict:
+  out = {k: getattr(args, k) for k in CONTENT_ARGS}
+  for k in ("input", "tokenizer"):
+    if out[k] and not any(c in out[k] for c in "*?["):
+      out[k] = os.path.abspath(out[k])
+  if args.source == "synthetic":
+    out.pop("input")
+  else:
+    for k in ("num", "seed", "image_size"):
+      out.pop(k)
+  return out
+
+
+def build(args) -> dict:
+  """Builds (or resumes) the dataset at `args.out`; returns its metadata."""
+  records.claim_directory(args.out, {"command": "data.build", **_content(args)}, args.overwrite)
+  items, load = SOURCES[args.source](args)
+  chunks = iter(lambda it=iter(items): list(itertools.islice(it, args.shard_size)), [])
+  tokenizer = TextTokenizer(args.tokenizer)
+  # Spawned, not forked: forking a process that runs JAX's threads can deadlock.
+  pool = (ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
+          if args.workers > 1 else ThreadPoolExecutor(1))
+  with pool:
+    futures = [records.read_sidecar(args.out, index)   # a finished shard
+               or pool.submit(_build_shard, args.out, index, chunk, load, args.max_side,
+                              args.tokenizer)
+               for index, chunk in enumerate(chunks)]
+    sidecars = [f if isinstance(f, dict) else f.result()
+                for f in tqdm(futures, desc=f"building {args.out}", unit="shard")]
+  counts = {k: sum(s.get(k, 0) for s in sidecars)
+            for k in ("count", "corrupt", "empty_caption", "syn_caption")}
+  meta = {
+      "schema_version": records.SCHEMA_VERSION, "source": args.source,
+      "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+      "eot_id": tokenizer.eot_id, "context_length": CONTEXT_LENGTH,
+      "image_max_side": args.max_side, "teacher": None,
+      "counts": {"written": counts["count"], "corrupt": counts["corrupt"],
+                 "empty_caption": counts["empty_caption"], "syn_caption": counts["syn_caption"]},
+      "shards": [{"file": s["file"], "count": s["count"]} for s in sidecars],
+  }
+  if args.source == "synthetic":
+    meta["zero_shot_tasks"] = synthetic.TASKS
+  records.write_json(os.path.join(args.out, records.METADATA), meta)
+  skipped = counts["corrupt"] + counts["empty_caption"]
+  print(f"written {counts['count']}, skipped {skipped} (corrupt {counts['corrupt']}, "
+        f"empty caption {counts['empty_caption']}); {counts['syn_caption']} with a synthetic "
+        "caption")
+  return meta
+
+
+def parser():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--source", required=True, choices=sorted(SOURCES))
+  p.add_argument("--out", required=True, help="dataset directory to write")
+  p.add_argument("--input", help="table file (tsv/csv) or tar glob (webdataset)")
+  p.add_argument("--image_column", default="image")
+  p.add_argument("--caption_column", default="caption")
+  p.add_argument("--syn_caption_column", default="syn_caption",
+                 help="synthetic-caption column (ALIP), used when the table has it")
+  p.add_argument("--num", type=int, default=20000, help="synthetic: number of pairs")
+  p.add_argument("--seed", type=int, default=0, help="synthetic: corpus seed (one per split)")
+  p.add_argument("--image_size", type=int, default=96, help="synthetic: image side")
+  p.add_argument("--max_side", type=int, default=256, help="bound on the stored short side")
+  p.add_argument("--shard_size", type=int, default=2048)
+  p.add_argument("--workers", type=int, default=os.cpu_count())
+  p.add_argument("--tokenizer", default=None, help="local Hugging Face tokenizer directory "
+                 "(default: CLIP's BPE)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a dataset in --out that was built with other arguments")
+  return p
+
+
+@errors.guard
+def main(argv=None):
+  args = parser().parse_args(argv)
+  if args.source != "synthetic" and not args.input:
+    raise SystemExit(f"--source {args.source} needs --input")
+  build(args)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,303 @@
+"""The Grain input pipeline with crop-aligned teacher targets (method §7).
+
+    ArrayRecordDataSource → per-epoch shuffle (seeded) → this process's rows
+    of each global batch → decode + random resized crop + flip (seeded by
+    the stream position), in threads
+    → batch of the per-process size → optional worker processes + prefetch
+
+and, on the device, `losses.distill.align_teacher_grid` resamples each
+teacher patch grid into its image's crop box, flipped like the image. The
+host ships the grid as stored plus the crop (`crop` = `(x0, y0, w, h)` as
+fractions of the stored image, `flip`): the resampling is a small
+gather-and-lerp that costs the accelerator nothing and took a quarter of the
+host's time per record.
+
+The stream is endless (epochs follow one another, reshuffled); the trainer
+takes a fixed number of steps, so every process yields the same number of
+batches and the collectives never wait on a short shard. The iterator's
+`get_state()` / `set_state()` resume mid-epoch exactly.
+
+Bad data is skipped, counted and named, never a crash: a shard that cannot
+be opened is left out at start-up (`records.Shards`), a record whose bytes
+cannot be read, do not decode, or do not fit `metadata.json`
+(`records.check_record`) is dropped and logged once with its shard, index
+and key. `batch["skipped"]` `[B, len(SKIP_REASONS)]` sums to the skips of the
+batch per reason (also from worker processes). Once more than
+`max_skip_fraction` of the records seen (at least `MIN_SEEN`), or of the
+dataset's records in unusable shards, are bad, `records.DataError` stops the
+run in one line.
+"""
+
+import io
+import logging
+import math
+import os
+
+import grain
+from absl import flags
+import numpy as np
+from PIL import Image
+
+from dinorank_jax.data import records
+
+
+def crop_box(rng: np.random.Generator, width: int, height: int,
+             scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[float, float, float, float]:
+  """A random resized crop `(x0, y0, w, h)` in pixels (torchvision's rule:
+  ten tries at a random area and log-uniform aspect, else the centre crop)."""
+  area = width * height
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w, h = math.sqrt(target * aspect), math.sqrt(target / aspect)
+    if w <= width and h <= height:
+      return rng.uniform(0, width - w), rng.uniform(0, height - h), w, h
+  side = min(width, height)
+  return (width - side) / 2, (height - side) / 2, side, side
+
+
+MIN_SEEN = 1000         # records seen before the skipped fraction is judged
+SKIPPED = "skipped"
+
+
+class RecordSource:
+  """The usable shards' records, read one at a time: element `i` is `(i,
+  bytes)`, or `(i, "why")` when the bytes cannot be read (a damaged chunk)."""
+
+  def __init__(self, shards: records.Shards):
+    self.shards = shards
+    self._source = grain.sources.ArrayRecordDataSource(shards.paths)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int):
+    try:
+      return index, self._source[index]
+    except Exception as e:  # Riegeli raises RuntimeError with the damage in the text
+      return index, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+
+
+def _skip(reason: str, where: str, detail: str) -> dict:
+  return {"_skip": reason, "_why": f"{where}: {detail}"}
+
+
+class Decode(grain.transforms.Map):
+  """`(stream position, (record index, record bytes))` -> one example (or a
+  skip marker naming the record and the reason). With `shards` (what the
+  readers pass), each record is first checked against their metadata.
+
+  With `augment`, the random resized crop and flip are drawn from
+  `(seed, position)`: the same record at the same place of the global stream
+  gets the same augmentation however many processes read it. Without, the
+  example is the centre square, unflipped (evaluation). With `syn_captions`,
+  the example carries the record's `syn_tokens` (ALIP); a record without
+  them is skipped.
+  """
+
+  def __init__(self, image_size: int, seed: int = 0, crop_scale=(0.5, 1.0),
+               augment: bool = True, syn_captions: bool = False,
+               shards: records.Shards | None = None):
+    self.image_size, self.seed, self.crop_scale = image_size, seed, crop_scale
+    self.augment, self.syn_captions, self.shards = augment, syn_captions, shards
+
+  def map(self, element):
+    position, (index, data) = element
+    where = (f"{self.shards.directory}/{self.shards.where(index)}" if self.shards
+             else f"record {index}")
+    if isinstance(data, str):
+      return _skip("unreadable", where, data)
+    try:
+      record = records.decode_record(data)
+    except Exception as e:  # msgpack raises many types for bad bytes
+      return _skip("corrupt", where, f"not a record ({type(e).__name__})")
+    bad = (records.check_record(record, self.shards.meta, syn_captions=self.syn_captions)
+           if self.shards else None)
+    if bad:
+      return _skip(bad[0], f"{where} (key {record.get('key')!r})", bad[1])
+    try:
+      return self._example(record, position)
+    except Exception as e:  # PIL raises many types for bad JPEG bytes
+      return _skip("corrupt", f"{where} (key {record.get('key')!r})",
+                   f"the image does not decode ({type(e).__name__}: {str(e)[:100]})")
+
+  def _example(self, record: dict, position: int) -> dict:
+    image = Image.open(io.BytesIO(record["jpeg"]))
+    width, height = image.size
+    if self.augment:
+      rng = np.random.default_rng([self.seed, position])
+      box, flip = crop_box(rng, width, height, self.crop_scale), bool(rng.integers(2))
+    else:
+      side = min(width, height)
+      box, flip = ((width - side) / 2, (height - side) / 2, side, side), False
+    x0, y0, w, h = box
+    image.draft("RGB", (self.image_size * width / w, self.image_size * height / h))
+    shrink = image.size[0] / width            # JPEG DCT scaling, if draft applied
+    image = image.convert("RGB").resize(
+        (self.image_size, self.image_size), Image.BILINEAR,
+        box=(x0 * shrink, y0 * shrink, (x0 + w) * shrink, (y0 + h) * shrink))
+    pixels = np.asarray(image)
+    example = {"image": pixels[:, ::-1] if flip else pixels,
+               "tokens": np.asarray(record["tokens"], np.int32),
+               "crop": np.asarray([x0 / width, y0 / height, w / width, h / height], np.float32),
+               "flip": np.asarray(flip)}
+    if self.syn_captions:
+      example["syn_tokens"] = np.asarray(record["syn_tokens"], np.int32)
+    if "teacher_patches" in record:
+      example.update(
+          teacher_patches=record["teacher_patches"],
+          teacher_cls=record["teacher_cls"],
+          teacher_text_tokens=record["teacher_text_tokens"],
+          teacher_text_mask=record["teacher_text_mask"],
+          teacher_text_pooled=record["teacher_text_pooled"])
+    return example
+
+
+def too_many_skipped(directory: str, skipped: int, seen: int, max_fraction: float) -> str:
+  return (f"{skipped} of {seen} records of {directory} are bad (more than "
+          f"config.data.max_skip_fraction={max_fraction}): see which and why with python -m "
+          f"dinorank_jax.data.verify {directory}, then rebuild or repair it")
+
+
+class _CountSkipsIterator(grain.DatasetIterator):
+
+  def __init__(self, parent, directory, min_seen, max_fraction):
+    super().__init__(parent)
+    self.directory, self.min_seen, self.max_fraction = directory, min_seen, max_fraction
+    self.seen = self.skipped = 0
+    self.logged = set()
+
+  def __next__(self):
+    since_last = np.zeros(len(records.SKIP_REASONS), np.int32)
+    while True:
+      element = next(self._parent)
+      self.seen += 1
+      if "_skip" not in element:
+        return {**element, SKIPPED: since_last}
+      since_last[records.SKIP_REASONS.index(element["_skip"])] += 1
+      self.skipped += 1
+      if element["_why"] not in self.logged:     # once per record, not once per epoch
+        self.logged.add(element["_why"])
+        logging.warning("skipped a record (%s): %s", element["_skip"], element["_why"])
+      if self.seen >= self.min_seen and self.skipped > self.max_fraction * self.seen:
+        raise records.DataError(too_many_skipped(self.directory, self.skipped, self.seen,
+                                                 self.max_fraction))
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class CountSkips(grain.IterDataset):
+  """Drops skip markers, logging each record once; every example carries
+  `skipped`, the numbers dropped just before it per reason, so a batch's sum
+  counts its skips (also from worker processes). Fails in one line once
+  more than `max_fraction` of the `min_seen`+ records seen were bad."""
+
+  def __init__(self, parent, directory: str, min_seen: int = MIN_SEEN,
+               max_fraction: float = 0.01):
+    super().__init__(parent)
+    self.directory, self.min_seen, self.max_fraction = directory, min_seen, max_fraction
+
+  def __iter__(self):
+    return _CountSkipsIterator(self._parent.__iter__(), self.directory, self.min_seen,
+                               self.max_fraction)
+
+  def __str__(self) -> str:
+    return f"CountSkips({self.directory})"
+
+
+class ProcessBlocks(grain.MapDataset):
+  """Process `index`'s rows of each global batch of the parent stream.
+
+  The global batch `k` is the parent's elements `[k · G, (k + 1) · G)` with
+  `G = block · count`; process `index` holds rows `[index · block, (index +
+  1) · block)` of it, exactly where `jax.make_array_from_process_local_data`
+  puts them. So the global batches do not depend on the process count.
+  Elements are `(parent position, parent element)`.
+  """
+
+  def __init__(self, parent: grain.MapDataset, block: int, index: int, count: int):
+    super().__init__(parent)
+    self.block, self.index, self.count = block, index, count
+
+  def __len__(self) -> int:
+    return len(self._parent) // (self.block * self.count) * self.block
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return self.slice(i)
+    batch, row = divmod(i, self.block)
+    position = (batch * self.count + self.index) * self.block + row
+    return position, self._parent[position]
+
+  def __str__(self) -> str:
+    return f"ProcessBlocks(block={self.block}, index={self.index}, count={self.count})"
+
+
+def usable_shards(directory: str, max_skip_fraction: float) -> records.Shards:
+  """The dataset's openable shards; each unusable one is logged by name, and
+  `records.DataError` when they hold more than `max_skip_fraction` of it."""
+  shards = records.Shards(directory)
+  for shard in shards.unusable:
+    logging.warning("skipped an unusable shard of %s: %s", directory, shard)
+  if shards.lost > max_skip_fraction * shards.total or not shards.paths:
+    raise records.DataError(
+        f"{len(shards.unusable)} shards of {directory} cannot be read "
+        f"({', '.join(shards.unusable[:3])}{', …' if len(shards.unusable) > 3 else ''}): "
+        f"{shards.lost} of {shards.total} records, more than "
+        f"config.data.max_skip_fraction={max_skip_fraction}; rebuild those shards "
+        f"(delete them and their .json, rerun the build) or check with python -m "
+        f"dinorank_jax.data.verify {os.path.normpath(directory)}")
+  return shards
+
+
+def make_dataset(directory: str, *, batch_size: int, image_size: int, seed: int,
+                 shard_index: int = 0, shard_count: int = 1, shuffle: bool = True,
+                 num_epochs: int | None = None, num_records: int | None = None,
+                 threads: int = 2, worker_count: int = 0, crop_scale=(0.5, 1.0),
+                 syn_captions: bool = False, max_skip_fraction: float = 0.01,
+                 min_seen: int = MIN_SEEN) -> grain.IterDataset:
+  """The training stream over the dataset at `directory`; `iter()` of it is
+  a checkpointable iterator (`get_state()` / `set_state()`).
+
+  Args:
+    batch_size: per-process batch (the global batch / process count).
+    image_size: student and trunk input side.
+    seed: shuffle and augmentation seed (the same on every process).
+    shard_index, shard_count: this process (`jax.process_index()`,
+      `jax.process_count()`); it reads its rows of every global batch
+      (`ProcessBlocks`), so shares are disjoint, equal in size, and the
+      global batches are the same for any process count.
+    num_epochs: None for an endless stream; each epoch is reshuffled, and
+      augmentations are drawn per stream position.
+    num_records: train on the first `num_records` records only (subsets).
+    threads: decoding threads (PIL releases the GIL while decoding).
+    worker_count: worker processes on top of the threads (0: none).
+    syn_captions: batches carry `syn_tokens` (ALIP); records without are skipped.
+    max_skip_fraction, min_seen: see `CountSkips`; also the bound on the
+      records lost in unusable shards.
+  """
+  if worker_count and not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()   # Grain's workers read absl flags; argparse programs parse none
+  shards = usable_shards(directory, max_skip_fraction)
+  ds = grain.MapDataset.source(RecordSource(shards))
+  if num_records is not None:
+    if num_records > len(ds):
+      raise ValueError(f"num_records={num_records} but {directory} holds {len(ds)} records "
+                       "(config.data.num_records)")
+    ds = ds[:num_records]
+  ds = ds.seed(seed)
+  if shuffle:
+    ds = ds.shuffle()
+  ds = ProcessBlocks(ds.repeat(num_epochs), batch_size, shard_index, shard_count)
+  ds = ds.map(Decode(image_size, seed, crop_scale, syn_captions=syn_captions, shards=shards))
+  stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                prefetch_buffer_size=4 * batch_size))
+  stream = CountSkips(stream, directory, min_seen, max_skip_fraction)
+  stream = stream.batch(batch_size, drop_remainder=True)
+  if worker_count:
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return stream

@@ -1,0 +1,90 @@
+"""Linear probes: L2-regularised multinomial logistic regression on frozen
+image embeddings, the protocol of CLIP (Radford et al. 2021, appendix A.3).
+
+The loss is `mean cross-entropy + λ/2 ‖W‖²` (the bias is not regularised),
+minimised by full-batch L-BFGS (`optax.lbfgs`, a fixed number of
+iterations, jitted). λ is chosen on the validation split: a sweep over
+10^-7 … 10^2 (one value per decade, strong to weak, each fit warm-started
+from the last; CLIP's range of scikit-learn's C, 10^-6 … 10^6, is λ = 1/(C n)
+for n training examples) and then quarter decades around the best. Among
+equally good values the middle one is taken (a tie at the edge of a plateau
+is the least stable choice). The probe is refitted on train + validation
+with that λ and scored on the test split.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dinorank_jax.evaluate.metrics import check_embeddings
+
+COARSE = tuple(10.0 ** e for e in range(-7, 3))
+FINE = (10 ** -0.5, 10 ** -0.25, 10 ** 0.25, 10 ** 0.5)
+
+
+def _loss(params, x, y, l2):
+  logits = x @ params["w"] + params["b"]
+  nll = jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
+  return jnp.mean(nll) + 0.5 * l2 * jnp.sum(params["w"] ** 2)
+
+
+@functools.partial(jax.jit, static_argnames="steps")
+def _fit(params, x, y, l2, steps):
+  loss = functools.partial(_loss, x=x, y=y, l2=l2)
+  opt = optax.lbfgs()
+  value_and_grad = optax.value_and_grad_from_state(loss)
+
+  def step(carry, _):
+    params, state = carry
+    value, grad = value_and_grad(params, state=state)
+    updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+    return (optax.apply_updates(params, updates), state), None
+
+  return jax.lax.scan(step, (params, opt.init(params)), length=steps)[0][0]
+
+
+def fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, *, init=None,
+        steps: int = 200) -> dict:
+  """The probe's `{"w": [D, C], "b": [C]}` on features `x` and labels `y`."""
+  if init is None:
+    init = {"w": jnp.zeros((x.shape[1], num_classes)), "b": jnp.zeros(num_classes)}
+  return _fit(init, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32),
+              jnp.float32(l2), steps)
+
+
+def predict(params: dict, x: np.ndarray) -> np.ndarray:
+  return np.asarray(jnp.argmax(jnp.asarray(x, jnp.float32) @ params["w"] + params["b"], axis=1))
+
+
+def accuracy(params: dict, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+  """Top-1 accuracy and mean per-class recall."""
+  hit = predict(params, x) == y
+  return {"top1": float(hit.mean()),
+          "mean_per_class_recall": float(np.mean([hit[y == c].mean() for c in np.unique(y)]))}
+
+
+def _middle_of_best(scores: dict[float, float]) -> float:
+  tied = sorted(l2 for l2, s in scores.items() if s == max(scores.values()))
+  return tied[len(tied) // 2]
+
+
+def linear_probe(train: tuple, val: tuple, test: tuple, num_classes: int, *,
+                 steps: int = 200) -> dict[str, float]:
+  """`(features, labels)` splits -> test `top1`, `mean_per_class_recall`, the chosen
+  `l2` and its validation `val_top1`."""
+  for (x, _), split in zip((train, val, test), ("train", "val", "test")):
+    check_embeddings(x, f"probe {split}")
+  scores, params = {}, None
+  for l2 in COARSE[::-1]:                        # strong to weak: warm starts stay stable
+    params = fit(*train, num_classes, l2, init=params, steps=steps)
+    scores[l2] = accuracy(params, *val)["top1"]
+  best = _middle_of_best(scores)
+  for l2 in (best * f for f in FINE):
+    scores[l2] = accuracy(fit(*train, num_classes, l2, steps=steps), *val)["top1"]
+  best = _middle_of_best(scores)
+  joined = tuple(np.concatenate([a, b]) for a, b in zip(train, val))
+  final = fit(*joined, num_classes, best, steps=steps)
+  return {**accuracy(final, *test), "l2": float(best), "val_top1": scores[best]}

@@ -1,0 +1,175 @@
+"""Where evaluation images, labels and captions come from.
+
+A `Split` has `size` examples, `tasks` (task → class names) and
+`read(indices, side)`, which decodes the examples on a thread pool (PIL
+releases the GIL) and returns
+
+    image     uint8 [n, side, side, 3]: the centre square, resized (bilinear)
+    valid     bool [n]: False for an example that could not be decoded
+    labels    {task: int [n]}          (labelled sources; -1 where unknown)
+    captions  [[str, ...], ...]         (captioned sources; one list per image)
+    teacher_patches, crop, flip         (our records with teacher features)
+
+Three kinds:
+
+* our records (`records_split`): a directory written by
+  `dinorank_jax.data.build`; zero-shot tasks from its metadata, the raw
+  caption and, when the record has one, the synthetic caption;
+* image folders (`folder_split`): `ROOT/<class>/<image>`, classes in sorted
+  order, named by their directory with `_` read as a space;
+* prepared tensorflow-datasets (`tfds_split`): `DATA_DIR/<name>[/<config>]/
+  <version>/` in the array_record file format, read through
+  `tfds.builder_from_directory(...).as_data_source` — no TensorFlow, and no
+  dataset code or download. Label names go through `prompts.class_names`
+  (ImageNet WordNet ids become CLIP's class names); `captions/text`
+  (coco_captions) gives captions.
+
+A source that is not there raises `NotFound` naming the path it looked at.
+"""
+
+import concurrent.futures
+import dataclasses
+import os
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+from dinorank_jax.data import records
+from dinorank_jax.data.pipeline import Decode, RecordSource
+from dinorank_jax.evaluate.prompts import class_names
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class NotFound(Exception):
+  """A dataset missing from where it was looked for (reported as skipped)."""
+
+
+THREADS = min(16, os.cpu_count() or 1)
+
+
+@dataclasses.dataclass
+class Split:
+  """`example(i, side)` decodes one example as a dict of the fields above
+  (`labels` as `{task: int}`), or returns `{}` when it cannot."""
+  name: str
+  size: int
+  example: Callable[[int, int], dict]
+  tasks: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+  def read(self, indices, side: int) -> dict:
+    with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
+      examples = list(pool.map(lambda i: self.example(int(i), side), indices))
+    valid = np.asarray([bool(e) for e in examples])
+    template = next((e for e in examples if e), {"image": np.zeros((side, side, 3), np.uint8)})
+    blank = {k: _blank_like(v) for k, v in template.items()}
+    examples = [e or blank for e in examples]
+    out = {"valid": valid}
+    for key in template:
+      values = [e[key] for e in examples]
+      if key == "labels":
+        out[key] = {t: np.asarray([v[t] for v in values], np.int32) for t in template[key]}
+      else:
+        out[key] = values if key == "captions" else np.stack(values)
+    return out
+
+
+def _blank_like(value):
+  """The stand-in for a field of an example that could not be decoded."""
+  if isinstance(value, dict):
+    return dict.fromkeys(value, -1)
+  return [] if isinstance(value, list) else np.zeros_like(value)
+
+
+def square(image: Image.Image, side: int) -> np.ndarray:
+  """The centre square of `image`, resized to `side` (as the trainer's evaluation decodes)."""
+  width, height = image.size
+  s = min(width, height)
+  box = ((width - s) / 2, (height - s) / 2, (width + s) / 2, (height + s) / 2)
+  return np.asarray(image.convert("RGB").resize((side, side), Image.BILINEAR, box=box))
+
+
+def records_split(directory: str) -> Split:
+  try:
+    meta = records.read_metadata(directory)
+  except FileNotFoundError:
+    raise NotFound(f"{directory} (records: no {records.METADATA})") from None
+  shards = records.Shards(directory, meta)
+  source = RecordSource(shards)
+  tasks = {t: list(names) for t, names in (meta.get("zero_shot_tasks") or {}).items()}
+
+  def example(i, side):
+    read = source[i]
+    decoded = Decode(side, augment=False, shards=shards).map((i, read))
+    if "_skip" in decoded:
+      return {}
+    record = records.decode_record(read[1])
+    out = {"image": decoded["image"], "crop": decoded["crop"], "flip": decoded["flip"],
+           "labels": {t: record.get("labels", {}).get(t, -1) for t in tasks},
+           "captions": [record[k] for k in ("caption", "syn_caption") if k in record]}
+    if "teacher_patches" in decoded:
+      out["teacher_patches"] = decoded["teacher_patches"].astype(np.float32)
+    return out
+
+  return Split(f"records {directory}", len(source), example, tasks)
+
+
+def folder_split(root: str) -> Split:
+  if not os.path.isdir(root):
+    raise NotFound(f"{root} (an image folder <class>/<image>)")
+  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  files = [(os.path.join(root, c, f), label) for label, c in enumerate(classes)
+           for f in sorted(os.listdir(os.path.join(root, c)))
+           if f.lower().endswith(IMAGE_EXTENSIONS)]
+  if not files:
+    raise NotFound(f"{root} (no images in <class>/ subdirectories)")
+
+  def example(i, side):
+    path, label = files[i]
+    try:
+      with Image.open(path) as image:
+        return {"image": square(image, side), "labels": {"label": label}}
+    except Exception:  # an unreadable file is skipped and counted, never fatal
+      return {}
+
+  return Split(f"folder {root}", len(files), example, {"label": class_names(classes)})
+
+
+def _prepared_dir(data_dir: str, name: str) -> str:
+  """`DATA_DIR/name/<latest version>` holding a prepared dataset."""
+  root = os.path.join(data_dir, name)
+  versions = sorted((d for d in (os.listdir(root) if os.path.isdir(root) else ())
+                     if os.path.isfile(os.path.join(root, d, "dataset_info.json"))),
+                    key=lambda v: tuple(int(p) for p in v.split(".") if p.isdigit()))
+  if not versions:
+    raise NotFound(f"{root}/<version>/ (tensorflow-datasets {name!r}, prepared)")
+  return os.path.join(root, versions[-1])
+
+
+def tfds_split(data_dir: str, name: str, split: str) -> Split:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; only here)
+  path = _prepared_dir(data_dir, name)
+  builder = tfds.builder_from_directory(path)
+  if split not in builder.info.splits:
+    raise NotFound(f"{path} (no split {split!r}; it has {sorted(builder.info.splits)})")
+  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise NotFound(f"{path} (prepared as {builder.info.file_format.value}: prepare it again "
+                   "with file_format='array_record', read without TensorFlow)")
+  source = builder.as_data_source(split=split)
+  features = builder.info.features
+  tasks = {"label": class_names(features["label"].names)} if "label" in features else {}
+
+  def example(i, side):
+    try:
+      found = source[i]
+      out = {"image": square(Image.fromarray(np.asarray(found["image"]).squeeze()), side),
+             "labels": {t: int(found[t]) for t in tasks}}
+    except Exception:  # an undecodable example is skipped and counted, never fatal
+      return {}
+    if "captions" in features:
+      out["captions"] = [t.decode() if isinstance(t, bytes) else str(t)
+                         for t in found["captions"]["text"]]
+    return out
+
+  return Split(f"tfds {name}:{split} at {path}", len(source), example, tasks)

@@ -1,0 +1,266 @@
+"""Inference export of a trained run, and the loader evaluation tools use.
+
+    python -m dinorank_jax.export --workdir runs/r3 --out exports/r3 [--step N] [--data DIR]
+
+writes `DIR/params` (an orbax checkpoint of the parameters that embed:
+trunks, students, fusion and the logit scale; no optimiser state, no rank
+heads, no teacher projections), `DIR/model_config.json` (the model's
+constructor arguments, the input side, the tokenizer reference and where the
+parameters came from) and `DIR/manifest.json` (the SHA-256 and size of every
+file under `params/`, checked by `load`: a damaged or altered export is
+refused in one line instead of embedding garbage). The model's vocabulary
+and teacher widths are read from the run's dataset metadata
+(`config.data.path`, or `--data`).
+
+    import dinorank_jax
+    model = dinorank_jax.load("exports/r3")
+    u = model.encode_image(images)       # uint8 [N, H, W, 3], or float in [0, 1]
+    v = model.encode_text(["a photo of a dog", ...])
+
+returns the normalised fused embeddings as float32 NumPy arrays `[N, D]`,
+computed in fixed-size jitted batches (the last one padded).
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dinorank_jax import errors
+from dinorank_jax.data import records
+from dinorank_jax.data.tokenizer import CLIP_BPE_ID, CONTEXT_LENGTH, TextTokenizer
+from dinorank_jax.models import CONFIG_FIELDS, DinoRankCLIP, from_config
+from dinorank_jax.models.layers import stack_layers
+from dinorank_jax.models.vit import normalise_images
+
+# 2: scanned encoders (`encoder/blocks`, stacked); 1: unrolled (`block_{i}`),
+# converted by `stack_layers` on load.
+FORMAT_VERSION = 2
+CONFIG_FILE = "model_config.json"
+MANIFEST = "manifest.json"
+
+
+class DamagedExport(errors.UserError, ValueError):
+  """An export whose files do not match its manifest."""
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def manifest(directory: str) -> dict[str, dict]:
+  """`{relative path: {"sha256", "bytes"}}` of every file under `directory/params`."""
+  root = os.path.join(directory, "params")
+  out = {}
+  for folder, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(folder, name)
+      out[os.path.relpath(path, directory)] = {"sha256": _sha256(path),
+                                               "bytes": os.path.getsize(path)}
+  return dict(sorted(out.items()))
+
+
+def verify(directory: str) -> None:
+  """Raises `DamagedExport` unless the files under `params/` are the manifest's."""
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    logging.warning("%s has no %s (exported before checksums): not verified", directory,
+                    MANIFEST)
+    return
+  with open(path) as f:
+    expected = json.load(f)
+  found = manifest(directory)
+  for name in sorted(expected.keys() | found.keys()):
+    if name not in found:
+      why = "is missing"
+    elif name not in expected:
+      why = "is not in the manifest"
+    elif found[name] != expected[name]:
+      why = "differs from the manifest (damaged or altered since the export)"
+    else:
+      continue
+    raise DamagedExport(f"{os.path.join(directory, name)} {why}: export the run again "
+                        "(python -m dinorank_jax.export)")
+
+
+def _on_one_device(tree):
+  """A restore target: the shapes and dtypes of `tree` on the default device."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+
+def trained_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """The parameters saved at `step` (default: the latest) of a run, on one device."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise errors.UserError(f"no checkpoint {'' if step is None else step} in {directory}: "
+                     "train the run first, or pass --step with one of "
+                     f"{sorted(manager.all_steps())}")
+  path = os.path.join(directory, str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  state = checkpointer.restore(path, _on_one_device(checkpointer.metadata(path).item_metadata))
+  return state["params"], step
+
+
+def export(workdir: str, out: str, *, step: int | None = None, data: str | None = None) -> dict:
+  """Writes the inference export of `workdir` to `out`; returns its config."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except FileNotFoundError:
+    raise errors.UserError(f"no training run at --workdir {workdir} (no config.json): "
+                           "pass the directory python -m dinorank_jax.main trained in") from None
+  data = data or config.data.path
+  try:
+    meta = records.read_metadata(data)
+  except FileNotFoundError:
+    raise errors.UserError(f"the run's dataset {data!r} has no {records.METADATA}: pass "
+                     "--data with the records it trained on (for the vocabulary)") from None
+  params, step = trained_params(workdir, step)
+  # Runs from before `config.model.scan` existed trained unrolled encoders;
+  # every export holds the scanned layout.
+  params = stack_layers(params)
+  model_config = {
+      "format_version": FORMAT_VERSION,
+      "model": {**{k: config.model[k] for k in CONFIG_FIELDS if k in config.model},
+                "scan": True, "vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"]},
+      "image_size": config.data.image_size,
+      "tokenizer": meta["tokenizer"],
+      "context_length": CONTEXT_LENGTH,
+      "source": {"workdir": os.path.abspath(workdir), "step": step,
+                 "rank_order": config.model.rank_order, "teacher": meta.get("teacher")},
+  }
+  model = _model(model_config)
+  keep = jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs(model_config))["params"]
+  params = {k: params[k] for k in keep}
+  os.makedirs(out, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(os.path.abspath(out), "params"), params, force=True)
+  checkpointer.wait_until_finished()
+  records.write_json(os.path.join(out, MANIFEST), manifest(out))
+  records.write_json(os.path.join(out, CONFIG_FILE), model_config)
+  return model_config
+
+
+def _model(model_config: dict, **overrides) -> DinoRankCLIP:
+  """The exported network; rank heads are training-only (order 0 has none)."""
+  m = model_config["model"]
+  return from_config(m, vocab_size=m["vocab_size"], eot_id=m["eot_id"],
+                     **{"rank_order": 0, **overrides})
+
+
+def _dummy_inputs(model_config: dict):
+  side = model_config["image_size"]
+  return (jnp.zeros((1, side, side, 3), jnp.float32),
+          jnp.zeros((1, model_config["context_length"]), jnp.int32))
+
+
+class ExportedModel:
+  """An exported DinoRankCLIP: `encode_image`, `encode_text`, `logit_scale`, and
+  `image_student_tokens` (the image student's patch tokens, for distillation
+  fidelity) when `has_image_student`."""
+
+  def __init__(self, model: DinoRankCLIP, params: dict, model_config: dict,
+               batch_size: int = 256):
+    self.model, self.params, self.config = model, params, model_config
+    self.image_size, self.batch_size = model_config["image_size"], batch_size
+    name = model_config["tokenizer"]
+    self.tokenizer = TextTokenizer(None if name == CLIP_BPE_ID else name)
+    self.logit_scale = float(jnp.exp(params["logit_scale"]))
+    self.has_image_student = model.students != "none"
+    self._images = jax.jit(lambda p, x: model.apply(
+        {"params": p}, normalise_images(x), method=DinoRankCLIP.embed_images)["image"])
+    self._student_tokens = jax.jit(lambda p, x: model.apply(
+        {"params": p}, normalise_images(x),
+        method=DinoRankCLIP.embed_images)["image_student"]["tokens"].astype(jnp.float32))
+    self._texts = jax.jit(lambda p, t: model.apply(
+        {"params": p}, t, method=DinoRankCLIP.embed_texts)["text"])
+
+  def _batched(self, fn, x: np.ndarray) -> np.ndarray:
+    out = []
+    for start in range(0, len(x), self.batch_size):
+      chunk = x[start:start + self.batch_size]
+      pad = self.batch_size - len(chunk)
+      padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
+      out.append(np.asarray(fn(self.params, padded))[:len(chunk)])
+    return np.concatenate(out).astype(np.float32)
+
+  def encode_image(self, images) -> np.ndarray:
+    """uint8 `[N, H, W, 3]` (or float in [0, 1]) -> `[N, D]` unit rows.
+
+    Images of another square side are resized to the export's (bilinear,
+    antialiased), as the trainer's decoder resizes its crops.
+    """
+    return self._batched(self._images, self._pixels(images))
+
+  def image_student_tokens(self, images) -> np.ndarray:
+    """Images as for `encode_image` -> the image student's patch tokens `[N, n, c]`."""
+    if not self.has_image_student:
+      raise ValueError("this model has no image student (students='none')")
+    return self._batched(self._student_tokens, self._pixels(images))
+
+  def _pixels(self, images) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+      raise ValueError(f"encode_image takes square RGB images [N, S, S, 3], got {images.shape}")
+    pixels = images.astype(np.float32) * (1.0 if images.dtype == np.uint8 else 255.0)
+    if images.shape[1] != self.image_size:
+      shape = (len(images), self.image_size, self.image_size, 3)
+      pixels = np.asarray(jax.image.resize(pixels, shape, "bilinear", antialias=True))
+    return pixels
+
+  def encode_text(self, texts: list[str]) -> np.ndarray:
+    """Strings -> `[N, D]` unit rows (tokenised as in training)."""
+    tokens = np.asarray(self.tokenizer(list(texts), self.config["context_length"]), np.int32)
+    return self._batched(self._texts, tokens)
+
+
+def load(directory: str, *, batch_size: int = 256) -> ExportedModel:
+  """The export at `directory` (written by `export`), on the default device;
+  its files are checked against its manifest first."""
+  config_path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise errors.UserError(f"no export at {directory} (no {CONFIG_FILE}): write one with "
+                           "python -m dinorank_jax.export --workdir RUN --out DIR")
+  verify(directory)
+  with open(config_path) as f:
+    model_config = json.load(f)
+  version = model_config.get("format_version")
+  if version not in (1, FORMAT_VERSION):
+    raise errors.UserError(f"{directory}: export format {version}, this code reads 1 and "
+                     f"{FORMAT_VERSION}; export the run again (python -m dinorank_jax.export)")
+  model = _model(model_config, scan=True)
+  stored = _model(model_config, scan=version == FORMAT_VERSION)
+  target = jax.eval_shape(stored.init, jax.random.key(0), *_dummy_inputs(model_config))["params"]
+  params = ocp.StandardCheckpointer().restore(
+      os.path.join(os.path.abspath(directory), "params"), _on_one_device(target))
+  return ExportedModel(model, stack_layers(params), model_config, batch_size)
+
+
+@errors.guard
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--workdir", required=True, help="the training run's directory")
+  p.add_argument("--out", required=True, help="export directory to write")
+  p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  p.add_argument("--data", help="the run's records (default: its config.data.path)")
+  args = p.parse_args(argv)
+  model_config = export(args.workdir, args.out, step=args.step, data=args.data)
+  print(f"exported step {model_config['source']['step']} of {args.workdir} to {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,111 @@
+"""The pre-LN transformer block shared by every tower, student and refiner,
+and the encoder that stacks it.
+
+`Encoder(scan=True)` is one `nn.scan` over a single block whose parameters
+carry a leading layer axis (`encoder/blocks/...`, `[depth, ...]`): XLA sees
+one block per tower, not `depth` copies, so the program it compiles stays
+small whatever the depth. `scan=False` unrolls the same block as
+`encoder/block_{i}` (the layout before scanning; `stack_layers` converts).
+`remat` trades memory for recomputation inside each block (`REMAT_POLICIES`).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# What each block keeps for the backward pass: "none" everything (no
+# recomputation), "dots" the weight matmuls' outputs (attention scores and
+# element-wise work are recomputed), "full" only the block's input.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class Block(nn.Module):
+  """`x + Attn(LN(x))`, then `x + MLP(LN(x))` (GELU, `mlp_ratio`× wide).
+
+  The residual stream keeps the dtype of `x` (the towers give it `dtype`).
+
+  Attributes:
+    num_heads: attention heads.
+    mlp_ratio: hidden width of the MLP over the model width.
+  """
+  num_heads: int
+  mlp_ratio: int = 4
+  dtype: Any = jnp.bfloat16
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """`x`: `[B, n, d]`; `mask`: bool `[B, 1, n, n]` (True = may attend)."""
+    width = x.shape[-1]
+    norm = lambda: nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = norm()(x)
+    y = nn.MultiHeadDotProductAttention(
+        self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+        deterministic=True)(y, y, mask=mask)
+    x = x + y
+    y = norm()(x)
+    y = nn.Dense(self.mlp_ratio * width, dtype=self.dtype, param_dtype=self.param_dtype)(y)
+    y = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype)(nn.gelu(y))
+    return x + y
+
+
+def _scan_step(block: Block, x, mask):
+  return block(x, mask), None
+
+
+class Encoder(nn.Module):
+  """`depth` blocks and a final LayerNorm.
+
+  Attributes:
+    scan: one scanned block with stacked parameters (True) or `depth`
+      unrolled ones.
+    remat: a key of `REMAT_POLICIES`.
+  """
+  depth: int
+  num_heads: int
+  mlp_ratio: int = 4
+  scan: bool = True
+  remat: str = "none"
+  dtype: Any = jnp.bfloat16
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat policy {self.remat!r}: one of {sorted(REMAT_POLICIES)} "
+                       "(config.model.remat)")
+    block = Block
+    if self.remat != "none":
+      # Under scan the loop already keeps XLA from merging the recomputation
+      # into the forward pass, so CSE prevention is only needed unrolled.
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+    kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
+              param_dtype=self.param_dtype)
+    if self.scan:
+      stack = nn.scan(_scan_step, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=nn.broadcast, length=self.depth)
+      x, _ = stack(block(**kw, name="blocks"), x, mask)
+    else:
+      for i in range(self.depth):
+        x = block(**kw, name=f"block_{i}")(x, mask)
+    return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+
+
+def stack_layers(params: dict) -> dict:
+  """Unrolled encoder parameters (`block_0 … block_{n-1}`) -> the scanned
+  layout (`blocks`, each leaf stacked on a leading layer axis), anywhere in
+  the tree; everything else is returned as it is."""
+  if not isinstance(params, dict):
+    return params
+  names = [f"block_{i}" for i in range(len(params))]
+  blocks = [k for k in names if k in params]
+  out = {k: stack_layers(v) for k, v in params.items() if k not in blocks}
+  if blocks:
+    out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[k] for k in blocks))
+  return out

@@ -1,0 +1,226 @@
+"""The DinoRankCLIP objective (method §6, paper eq. 4) and the sharded train step.
+
+    L = L_CLIP + λ(t) (L_cross^R + L_in^R)
+        + α_I (L_Gram^I + β L_rel^I) + α_T (L_Gram^T + β L_rel^T)
+        + λ_fg mean(g²) + λ_g Σ_r (r − 1) g_r²
+        [+ λ_in L_cyc^in + λ_cross L_cyc^cross   for the CyCLIP baseline]
+
+and, for the ALIP baseline (`Objective.alip`), L_CLIP becomes ALIP's
+adaptive loss over both paths, raw text and synthetic caption
+(`losses/alip.py`), whose gates keep running means in `TrainState.stats`.
+
+The model's forward pass runs under `jax.jit` with the batch sharded over the
+mesh (`parallel.BATCH`) and the state placed by `parallel.state_shardings`;
+the terms that need explicit collectives or the *local* batch
+(InfoNCE and the rank terms over the global batch, RKD across each shard's
+own rows) run inside one `shard_map`. Randomness (rank tie-breaks, RKD
+triples) is drawn from `fold_in(seed, step)`, so a resumed run draws the same.
+"""
+
+import dataclasses
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dinorank_jax import optim
+from dinorank_jax.losses.alip import consistency_gates, initial_momenta
+from dinorank_jax.losses.contrastive import clip_loss
+from dinorank_jax.losses.cyclip import cyclic_losses
+from dinorank_jax.losses.distill import align_teacher_grid, distill_loss
+
+from dinorank_jax.losses.ranking import gate_penalty, rank_losses
+from dinorank_jax.models import DinoRankCLIP, list_heads
+from dinorank_jax.models.vit import normalise_images, vit_size
+from dinorank_jax.pooling import masked_adaptive_avg_pool
+from dinorank_jax.data.records import SKIP_REASONS
+from dinorank_jax.data.tokenizer import CONTEXT_LENGTH
+from dinorank_jax.parallel import BATCH, state_shardings
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The weights and knobs of eq. 4 (defaults: method §6)."""
+  rank_max: float = 0.125           # λ_max of both rank terms
+  rank_schedule: str = "cosine"
+  list_len: int | None = None
+  high_order_len: int | None = 128
+  pl_eps: float = 0.0               # RankCLIP's published ListMLE eps; 0 is exact
+  rank_scope: str = "global"
+  alpha_image: float = 1.0
+  alpha_text: float = 0.5
+  beta: float = 1.0
+  fusion_gate: float = 1e-4         # λ_fg
+  rank_gate: float = 1e-4           # λ_g
+  cyclic_in: float = 0.0             # CyCLIP's λ_in (its paper: 0.25)
+  cyclic_cross: float = 0.0          # CyCLIP's λ_cross (its paper: 0.25)
+  alip: bool = False                 # ALIP's bi-path adaptive loss (needs syn_tokens)
+  criterion: str = "gram_rel"
+  text_slots: int = 16              # L_t
+  rkd_max_triples: int = 4096
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+  stats: dict          # running statistics of the objective (ALIP's momenta), else empty
+
+
+def _local_losses(objective, model, params, out, batch, scale, key, active, stats,
+                  student_grid):
+  """Every loss term on this shard's rows and the updated `stats`; scalars
+  equal on every shard."""
+  image_head, text_head = list_heads(model, {"params": params})
+  tie_key, image_key, text_key = jax.random.split(key, 3)
+  distill = functools.partial(distill_loss, objective.criterion, beta=objective.beta,
+                              max_triples=objective.rkd_max_triples)
+  weights = {}
+  if objective.alip:
+    weights, momenta, alip_metrics = consistency_gates(
+        out["image"], out["text"], out["caption"], stats["alip_momenta"], BATCH)
+    stats = {**stats, "alip_momenta": momenta}
+  clip, metrics = clip_loss(out["image"], out["text"], scale, axis_name=BATCH,
+                            weights=weights.get("text"))
+  cross, in_modal = rank_losses(
+      out["image"], out["text"], scale, image_head=image_head, text_head=text_head,
+      axis_name=BATCH, scope=objective.rank_scope, tie_key=tie_key, active_order=active,
+      list_len=objective.list_len, high_order_len=objective.high_order_len,
+      pl_eps=objective.pl_eps)
+  terms = {"clip": clip, "rank_cross": cross, "rank_in": in_modal}
+  if objective.cyclic_in or objective.cyclic_cross:
+    terms["cyclic_in"], terms["cyclic_cross"] = cyclic_losses(out["image"], out["text"], BATCH)
+  if objective.alip:
+    terms["clip_caption"], _ = clip_loss(out["image"], out["caption"], scale, axis_name=BATCH,
+                                         weights=weights["caption"])
+    metrics.update(alip_metrics)
+  shard = jax.lax.axis_index(BATCH)
+  if "image_student" in out:
+    teacher = {"tokens": align_teacher_grid(batch["teacher_patches"], batch["crop"],
+                                            batch["flip"], student_grid),
+               "cls": batch["teacher_cls"]}
+    terms["distill_image"], m = distill(out["image_student"], teacher,
+                                        key=jax.random.fold_in(image_key, shard))
+    metrics.update({f"image_{k}": x for k, x in m.items()})
+  if "text_student" in out:
+    s = out["text_student"]
+    pool = functools.partial(masked_adaptive_avg_pool, num_segments=objective.text_slots)
+    student = {**s, **{k: pool(s[k], s["mask"]) for k in ("tokens", "tokens_proj") if k in s}}
+    teacher = {"tokens": pool(batch["teacher_text_tokens"], batch["teacher_text_mask"]),
+               "cls": batch["teacher_text_pooled"]}
+    terms["distill_text"], m = distill(student, teacher, key=jax.random.fold_in(text_key, shard))
+    metrics.update({f"text_{k}": x for k, x in m.items()})
+  gates = [out[g] for g in ("image_gate", "text_gate") if g in out]
+  if gates:
+    terms["fusion_gate"] = jnp.mean(jnp.stack([jnp.mean(g ** 2) for g in gates]))
+  # Per-shard terms (distillation, gate means) become batch means.
+  terms = {k: jax.lax.pmean(x, BATCH) if k.startswith(("distill", "fusion")) else x
+           for k, x in terms.items()}
+  metrics = jax.tree.map(lambda x: jax.lax.pmean(x, BATCH), metrics)
+  return terms, metrics, stats
+
+
+def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
+                    objective: Objective, mesh, state_sharding, *, steps_per_epoch: int,
+                    epochs: int, seed: int = 0, skip_nonfinite: bool = False):
+  """A jitted `step(state, batch) -> (state, metrics)`; the state is donated.
+
+  `batch` is a dict of global arrays sharded over `BATCH` (see
+  `parallel.global_batch`): `image` uint8 `[B, S, S, 3]`, `tokens`, and the
+  teacher fields and `crop`, `flip` of `data.pipeline` when students are on,
+  and `syn_tokens` for ALIP.
+  `state_sharding` places the state (`parallel.state_shardings`). With
+  `skip_nonfinite`, a step whose loss is not finite leaves the parameters and
+  optimiser state as they were (`metrics["finite"]` says which happened).
+  """
+  base_key = jax.random.key(seed)
+  student_patch = vit_size(model.image_student)[3]
+  replicated = NamedSharding(mesh, P())
+  batch_spec = P(BATCH)
+
+  def loss_fn(params, batch, step, stats):
+    active = optim.active_order(step, steps_per_epoch, model.rank_order)
+    out = model.apply({"params": params}, normalise_images(batch["image"]), batch["tokens"])
+    if objective.alip:   # the second path: the same text tower on the synthetic captions
+      out["caption"] = model.apply({"params": params}, batch["syn_tokens"],
+                                   method=DinoRankCLIP.embed_texts)["text"]
+    side = batch["image"].shape[1] // student_patch
+    local = jax.shard_map(
+        functools.partial(_local_losses, objective, model, student_grid=(side, side)),
+        mesh=mesh, in_specs=(P(), batch_spec, batch_spec, P(), P(), P(), P()), out_specs=P())
+    rows = {k: x for k, x in out.items() if k != "scale"}
+    # Only what the rank heads need enters the shard_map (replicated there);
+    # order-0 and order-1 heads have no parameters.
+    heads = {k: params[k] for k in (*optim.RANK_HEADS, "logit_scale") if k in params}
+    terms, metrics, stats = local(heads, rows, batch, out["scale"],
+                                  jax.random.fold_in(base_key, step), active, stats)
+    weight = optim.rank_weight(objective.rank_schedule, step, steps_per_epoch, epochs,
+                               objective.rank_max)
+    penalty = sum(gate_penalty(params.get(h, {}), active) for h in optim.RANK_HEADS)
+    loss = (terms["clip"] + terms.get("clip_caption", 0.0)
+            + weight * (terms["rank_cross"] + terms["rank_in"])
+            + objective.alpha_image * terms.get("distill_image", 0.0)
+            + objective.alpha_text * terms.get("distill_text", 0.0)
+            + objective.fusion_gate * terms.get("fusion_gate", 0.0)
+            + objective.rank_gate * penalty
+            + objective.cyclic_in * terms.get("cyclic_in", 0.0)
+            + objective.cyclic_cross * terms.get("cyclic_cross", 0.0))
+    gates = {f"{h}_{k}": jax.nn.sigmoid(a) for h in optim.RANK_HEADS
+             for k, a in params.get(h, {}).items() if k.startswith("gate_")}   # g_r = σ(a_r)
+    metrics = {**metrics, **terms, **gates, "rank_gate_penalty": penalty, "rank_weight": weight,
+               "active_order": active, "logit_scale": out["scale"], "loss": loss}
+    return loss, (metrics, stats)
+
+  def step_fn(state: TrainState, batch):
+    tags = optim.order_tags(state.params)
+    (loss, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, state.step, state.stats)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = optim.freeze_inactive(updates, tags, metrics["active_order"])
+    params = optax.apply_updates(state.params, updates)
+    metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                   update_norm=optax.tree.norm(updates))
+    finite = jnp.isfinite(loss)
+    if skip_nonfinite:
+      keep = lambda new, old: jnp.where(finite, new, old)
+      params = jax.tree.map(keep, params, state.params)
+      opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+      stats = jax.tree.map(keep, stats, state.stats)
+    metrics["finite"] = finite
+    metrics["data_skipped"] = (jnp.sum(batch["skipped"], axis=0) if "skipped" in batch
+                               else jnp.zeros(len(SKIP_REASONS), jnp.int32))
+    return TrainState(state.step + 1, params, opt_state, stats), metrics
+
+  return jax.jit(step_fn, in_shardings=(state_sharding, NamedSharding(mesh, batch_spec)),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def state_initializer(model: DinoRankCLIP, tx: optax.GradientTransformation, mesh,
+                      image_size: int, seed: int = 0, objective: Objective = Objective()):
+  """`(init, shardings)`: `init(images, tokens)` jitted to create the state in
+  place with the shardings of `parallel.state_shardings`, taking uint8
+  `[1, S, S, 3]` images and int `[1, L]` tokens (`abstract_inputs`)."""
+  def init(images, tokens):
+    params = model.init(jax.random.key(seed), normalise_images(images), tokens)["params"]
+    stats = {"alip_momenta": initial_momenta()} if objective.alip else {}
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), stats)
+  shardings = state_shardings(jax.eval_shape(init, *abstract_inputs(image_size)), mesh)
+  return jax.jit(init, out_shardings=shardings), shardings
+
+
+def abstract_inputs(image_size: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+  """The shapes `state_initializer`'s `init` is called with."""
+  return (jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8),
+          jax.ShapeDtypeStruct((1, CONTEXT_LENGTH), jnp.int32))
+
+
+def init_state(model: DinoRankCLIP, tx: optax.GradientTransformation, mesh, image_size: int,
+               seed: int = 0, objective: Objective = Objective()) -> tuple[TrainState, object]:
+  """Parameters, optimiser state and the objective's statistics, created in
+  place (`state_initializer`); returns `(state, shardings)`."""
+  init, shardings = state_initializer(model, tx, mesh, image_size, seed, objective)
+  images, tokens = (jnp.zeros(x.shape, x.dtype) for x in abstract_inputs(image_size))
+  return init(images, tokens), shardings

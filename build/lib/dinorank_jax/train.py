@@ -1,0 +1,331 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+One loop for one CPU, one GPU, a node or several hosts: the batch is sharded
+over every device of every process (`parallel`), each process reads its rows
+of every global batch (`data.pipeline`), and the step is the jitted,
+state-donating `step.make_train_step`. The run resumes from the latest
+complete checkpoint in `workdir` (state and data iterator, so the batches
+continue exactly), saves every `config.checkpoint.every` steps, at the end,
+and when SIGTERM arrives (preemption) before exiting. Evaluation runs on
+every process. A non-finite loss stops the run naming the step, the
+offending terms and the last good checkpoint (`config.on_nonfinite="stop"`)
+or skips that update (`"skip"`, inside the step).
+
+The workdir holds `config.json` (the resolved config the checkpoints
+follow), `starts/` (each start's config copy), `lock.json` while a run holds
+it (`workdir.lock`), `metrics.jsonl`, `tensorboard/` and `checkpoints/`.
+Every field is validated (`validate`) before anything is built or compiled.
+"""
+
+import json
+import logging
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from dinorank_jax import config as config_lib
+from dinorank_jax import compilation, evaluate, optim, parallel, workdir as workdir_lib
+from dinorank_jax.checkpoint import Checkpointer, abstract_state
+from dinorank_jax.data import records
+from dinorank_jax.data.pipeline import make_dataset
+from dinorank_jax.data.prepare import prepare
+from dinorank_jax.errors import UserError
+from dinorank_jax.evaluate.metrics import InvalidEmbeddings
+from dinorank_jax.losses.distill import CRITERIA, PROJECTED
+from dinorank_jax.metric_writer import MetricWriter
+from dinorank_jax.models import DinoRankCLIP, from_config
+from dinorank_jax.models.dinorankclip import STUDENT_MODES
+from dinorank_jax.models.fusion import FUSION_MODES
+from dinorank_jax.models.layers import REMAT_POLICIES
+from dinorank_jax.models.summary import parameter_overview
+from dinorank_jax.models.text import TEXT_SIZES
+from dinorank_jax.models.vit import VIT_SIZES, vit_size
+from dinorank_jax.step import Objective, init_state, make_train_step
+
+NONFINITE = ("stop", "skip")
+MAX_RANK_ORDER = 5          # the orders the paper studies and the tests cover (configs/r0..r5)
+
+
+class ConfigError(UserError, ValueError):
+  """A config that cannot run; the message names the setting to change."""
+
+
+class NonFiniteLoss(UserError, RuntimeError):
+  """The loss stopped being finite; the message names the step and terms."""
+
+
+def _choice(config, name: str, choices) -> None:
+  value = config
+  for part in name.split("."):
+    value = value[part]
+  if value not in choices:
+    raise ConfigError(f"config.{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _at_least(config, name: str, low, *, optional: bool = False) -> None:
+  value = config
+  for part in name.split("."):
+    value = value[part]
+  if optional and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+    raise ConfigError(f"config.{name} must be a number >= {low}"
+                      f"{' (or None)' if optional else ''}, got {value!r}")
+
+
+def validate(config) -> None:
+  """One clear line for the first field that cannot run, before anything is built."""
+  for name in ("batch_size", "epochs", "eval_batch_size", "log_every", "checkpoint.every",
+               "checkpoint.max_to_keep", "data.image_size", "data.threads",
+               "model.embed_dim", "model.rank_head_dim", "model.rank_chunk_size",
+               "objective.text_slots", "objective.rkd_max_triples"):
+    _at_least(config, name, 1)
+  for name in ("eval_every", "data.worker_count", "optim.warmup_steps", "optim.weight_decay",
+               "optim.lr", "objective.rank_max", "objective.pl_eps", "objective.alpha_image",
+               "objective.alpha_text", "objective.beta", "objective.fusion_gate",
+               "objective.rank_gate", "objective.cyclic_in", "objective.cyclic_cross"):
+    _at_least(config, name, 0)
+  _at_least(config, "objective.list_len", 1, optional=True)
+  _at_least(config, "objective.high_order_len", 0, optional=True)
+  _at_least(config, "data.num_records", 1, optional=True)
+  _at_least(config, "mesh.fsdp", 1)
+  if not 0 <= config.data.max_skip_fraction < 1:
+    raise ConfigError("config.data.max_skip_fraction must be in [0, 1), got "
+                      f"{config.data.max_skip_fraction!r}")
+  if config.optim.lr == 0:
+    raise ConfigError("config.optim.lr must be > 0, got 0")
+  if not (isinstance(config.model.rank_order, int)
+          and 0 <= config.model.rank_order <= MAX_RANK_ORDER):
+    raise ConfigError(f"config.model.rank_order must be an integer in 0..{MAX_RANK_ORDER} "
+                      f"(0 = CLIP, 1 = RankCLIP), got {config.model.rank_order!r}")
+  for name in ("image_trunk", "image_student"):
+    try:
+      vit_size(config.model[name])
+    except ValueError:
+      raise ConfigError(f"config.model.{name} must be '<size>/<patch>' with size in "
+                        f"{sorted(VIT_SIZES)}, e.g. 'B/32', got {config.model[name]!r}") from None
+  _choice(config, "model.text_trunk", TEXT_SIZES)
+  _choice(config, "model.text_student", TEXT_SIZES)
+  _choice(config, "model.students", STUDENT_MODES)
+  _choice(config, "model.fusion_mode", FUSION_MODES)
+  _choice(config, "model.remat", REMAT_POLICIES)
+  _choice(config, "model.dtype", ("float32", "bfloat16"))
+  _choice(config, "objective.rank_schedule", optim.RANK_SCHEDULES)
+  _choice(config, "objective.rank_scope", ("global", "local"))
+  _choice(config, "objective.criterion", CRITERIA)
+  _choice(config, "on_nonfinite", NONFINITE)
+  _choice(config, "data.prepare", ("", "synthetic"))
+
+
+def _check(config, meta: dict | None) -> None:
+  """One clear line for each way a config and its data can disagree."""
+  if not config.data.path:
+    raise ConfigError(f"config.data.path is not set: {config_lib.DATA_HELP}")
+  if meta is None:
+    raise ConfigError(f"config.data.path={config.data.path} holds no dataset "
+                      f"({records.METADATA} missing): {config_lib.DATA_HELP}")
+  if config.model.students != "none" and not meta.get("teacher"):
+    raise ConfigError(f"config.data.path={config.data.path} has no teacher features: run "
+                      "python -m dinorank_jax.teacher.export on it (docs/data.md), or set "
+                      "--config.model.students=none")
+  if config.objective.alip and not meta["counts"].get("syn_caption"):
+    raise ConfigError(f"config.objective.alip needs synthetic captions, and "
+                      f"config.data.path={config.data.path} has none: rebuild it with a "
+                      "syn_caption column or {key}.syn.txt members (docs/data.md)")
+  devices = jax.device_count()
+  for name in ("batch_size", "eval_batch_size"):
+    if config[name] % devices or config[name] % jax.process_count():
+      raise ConfigError(f"config.{name}={config[name]} must be a multiple of the "
+                        f"{devices} devices")
+
+
+def _read_metadata(path: str) -> dict | None:
+  try:
+    return records.read_metadata(path) if path else None
+  except FileNotFoundError:
+    return None
+
+
+def build_model(config, meta: dict) -> DinoRankCLIP:
+  """The model of `config.model`, with the dataset's vocabulary and, for the
+  projecting distillation criteria, its teacher widths."""
+  teacher = meta.get("teacher") or {}
+  projected = config.objective.criterion in PROJECTED and teacher
+  return from_config(
+      config.model, vocab_size=meta["vocab_size"], eot_id=meta["eot_id"],
+      image_teacher_dims=(teacher["pca_dim"], teacher["cls_dim"]) if projected else None,
+      text_teacher_dims=(teacher["text_dim"], teacher["text_dim"]) if projected else None)
+
+
+def _on_sigterm(flag: dict):
+  def handler(signum, frame):
+    flag["stop"] = True
+    logging.warning("SIGTERM: saving a checkpoint, then exiting")
+  return handler
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process when `flag` is on any (SIGTERM may reach the
+  processes a step apart; all must save the same step)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def _nonfinite_error(step: int, metrics: dict, checkpointer: Checkpointer) -> NonFiniteLoss:
+  terms = [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v)))]
+  last = checkpointer.latest_step
+  fix = "with a lower config.optim.lr, or set --config.on_nonfinite=skip"
+  where = (f"resume from checkpoint {last} {fix}" if last is not None
+           else f"no checkpoint was saved yet: rerun {fix}")
+  return NonFiniteLoss(f"non-finite loss at step {step} (terms: {', '.join(terms)}); {where}")
+
+
+def _skip_metrics(skipped: np.ndarray) -> dict[str, int]:
+  """`data/skipped_<reason>` and `data/skipped_total`: records skipped so far
+  in this start (`records.SKIP_REASONS`)."""
+  out = {f"data/skipped_{r}": int(n) for r, n in zip(records.SKIP_REASONS, skipped)}
+  return {**out, "data/skipped_total": int(skipped.sum())}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the last evaluation's
+  metrics (empty without `config.data.eval_path`).
+
+  Holds the workdir's lock throughout. A resumed run whose config changes a
+  `workdir.FIXED_ON_RESUME` field is refused unless `allow_config_change`.
+  """
+  validate(config)
+  lead = jax.process_index() == 0
+  with workdir_lib.lock(workdir, active=lead):
+    return _train(config, workdir, lead, allow_config_change)
+
+
+def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
+  if lead:
+    prepare(config)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("data prepared")
+  meta = _read_metadata(config.data.path)
+  _check(config, meta)
+
+  mesh = parallel.make_mesh(fsdp=config.mesh.fsdp)
+  num_records = config.data.num_records or meta["counts"]["written"]
+  steps_per_epoch = num_records // config.batch_size
+  if steps_per_epoch == 0:
+    raise ConfigError(f"config.batch_size={config.batch_size} exceeds the {num_records} "
+                      "records: lower it")
+  total_steps = steps_per_epoch * config.epochs
+  checkpointer = Checkpointer(workdir, save_every=config.checkpoint.every,
+                              max_to_keep=config.checkpoint.max_to_keep)
+  config_json = config.to_json_best_effort(indent=2)
+  stored = workdir_lib.stored_config(workdir)
+  if stored is not None and checkpointer.latest_step is not None:
+    changes = workdir_lib.config_changes(stored, json.loads(config_json),
+                                         allow=allow_config_change)
+    if changes:
+      logging.warning("resuming %s with a changed config: %s", workdir, "; ".join(changes))
+  model = build_model(config, meta)
+  lr = optim.learning_rate(config.optim.lr, config.optim.warmup_steps, total_steps)
+  tx = optim.adamw(lr, config.optim.weight_decay)
+  objective = Objective(**config.objective.to_dict())
+  size = config.data.image_size
+  state, shardings = init_state(model, tx, mesh, size, seed=config.seed, objective=objective)
+  if lead:
+    logging.info("parameters:\n%s", parameter_overview(state.params))
+  iterator = iter(make_dataset(
+      config.data.path, batch_size=config.batch_size // jax.process_count(), image_size=size,
+      seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
+      num_records=config.data.num_records, threads=config.data.threads,
+      worker_count=config.data.worker_count, syn_captions=objective.alip,
+      max_skip_fraction=config.data.max_skip_fraction))
+  restored = checkpointer.restore(abstract_state(state, shardings), iterator)
+  if restored is not None:
+    state = restored
+    logging.info("resumed from step %d", int(state.step))
+  train_step = make_train_step(model, tx, objective, mesh, shardings,
+                               steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+                               seed=config.seed,
+                               skip_nonfinite=config.on_nonfinite == "skip")
+  writer = MetricWriter(workdir, active=lead)
+  if lead:
+    workdir_lib.record_start(workdir, config_json, int(state.step))
+
+  def run_eval(step):
+    if not config.data.eval_path:
+      return {}
+    try:
+      metrics = evaluate.evaluate(model, state.params, mesh, config.data.eval_path,
+                                  batch_size=config.eval_batch_size, image_size=size)
+    except InvalidEmbeddings as e:
+      raise NonFiniteLoss(f"held-out evaluation at step {step}: {e}") from None
+    writer.write(step, metrics)
+    return metrics
+
+  preempted = {"stop": False}
+  previous = signal.signal(signal.SIGTERM, _on_sigterm(preempted))
+  start = int(state.step)
+  progress = tqdm(total=total_steps, initial=start, disable=not lead, unit="step",
+                  dynamic_ncols=True)
+  skipped, eval_metrics = np.zeros(len(records.SKIP_REASONS), np.int64), {}
+  timer, timed_from = time.perf_counter(), start
+  position = iterator.get_state()         # the data position a checkpoint records
+  batch = parallel.global_batch(mesh, next(iterator)) if start < total_steps else None
+  if batch is not None:
+    # Compiled here, once, so that compilation never counts as a step's time.
+    train_step, report = compilation.compile_ahead(train_step, state, batch)
+    logging.info("train step: %s", compilation.describe(report))
+    writer.write(start, {f"compile/{k}": v for k, v in report.items()})
+    timer = time.perf_counter()
+  try:
+    for step in range(start, total_steps):
+      state, metrics = train_step(state, batch)
+      position = iterator.get_state()     # before the batch of step + 1
+      if step + 1 < total_steps:          # which travels while this step runs
+        batch = parallel.global_batch(mesh, next(iterator))
+      metrics = jax.device_get(metrics)
+      skipped += np.asarray(metrics.pop("data_skipped"))
+      if not metrics.pop("finite"):
+        if config.on_nonfinite == "stop":
+          raise _nonfinite_error(step, metrics, checkpointer)
+        logging.warning("step %d: non-finite loss, update skipped", step)
+      checkpointer.save(step + 1, state, position)
+      if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
+        seconds = (time.perf_counter() - timer) / (step + 1 - timed_from)
+        timer, timed_from = time.perf_counter(), step + 1
+        writer.write(step + 1, {**metrics, "lr": lr(step), **_skip_metrics(skipped),
+                                "step_seconds": seconds,
+                                "samples_per_second": config.batch_size / seconds})
+        progress.set_postfix(loss=f"{metrics['loss']:.3f}",
+                             samples_s=f"{config.batch_size / seconds:.0f}")
+      progress.update(1)
+      if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total_steps:
+        eval_metrics = run_eval(step + 1)
+      if _any_process(preempted["stop"]):
+        checkpointer.save(step + 1, state, position, force=True)
+        break
+    else:
+      checkpointer.save(total_steps, state, position, force=True)
+      eval_metrics = run_eval(total_steps)
+  finally:
+    progress.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    signal.signal(signal.SIGTERM, previous)
+  return eval_metrics
+
+
+def print_table(metrics: dict, tasks: dict) -> None:
+  """The evaluation as a table, with each zero-shot task's chance level."""
+  print(f"{'metric':<34}{'value':>8}{'chance':>9}")
+  for name, value in sorted(metrics.items()):
+    task = name.split("/", 1)[1]
+    chance = f"{1 / len(tasks[task]):.3f}" if name.startswith("zero_shot/") else ""
+    print(f"{name:<34}{value:>8.3f}{chance:>9}")
