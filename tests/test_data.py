@@ -308,3 +308,29 @@ def test_teacher_pixels_follow_its_processor_config(tmp_path):
       image_teacher=str(tmp_path / "teacher"), text_teacher=export.MINILM, image_size=None,
       pca_dim=8, pca_images=8, text_length=8, batch_size=8, overwrite=False))
   assert meta["teacher"]["grid"] == [2, 2] and meta["teacher"]["image_mean"] == [0.5, 0.4, 0.3]
+
+
+def test_brace_patterns_name_shards_and_the_build_window_is_bounded(tmp_path):
+  for i in range(3):
+    (tmp_path / f"{i:05d}.tar").write_bytes(b"")
+  assert build.expand(str(tmp_path / "{00000..00002}.tar")) == [
+      str(tmp_path / f"{i:05d}.tar") for i in range(3)]
+  assert build.expand(str(tmp_path / "{00002,00000}.tar")) == [
+      str(tmp_path / "00002.tar"), str(tmp_path / "00000.tar")]
+
+  class Pool:                      # counts what is submitted and not yet collected
+    live = most = 0
+
+    def submit(self, fn, *args):
+      Pool.live += 1
+      Pool.most = max(Pool.most, Pool.live)
+
+      class Done:
+        def result(self):
+          Pool.live -= 1
+          return fn(*args)
+      return Done()
+
+  tasks = ((lambda i: {"count": i}, i) if i % 3 else {"count": i} for i in range(100))
+  results = list(build._in_order(Pool(), tasks, window=4))
+  assert [r["count"] for r in results] == list(range(100)) and Pool.most <= 4

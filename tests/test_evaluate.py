@@ -245,6 +245,21 @@ def test_cli_evaluates_the_synthetic_suite_writes_the_report_and_compares(traine
   for figure in report.FIGURES:
     assert (root / "report" / figure).stat().st_size > 1000, figure
   assert results["figures"] == list(report.FIGURES)
+  # The same numbers in CLIP_benchmark's records and names.
+  bench = {(r["dataset"], r["task"]): r for r in
+           (json.load(open(root / "report" / f)) for f in results["clip_benchmark"])}
+  colour = bench[("synthetic/colour", "zeroshot_classification")]
+  assert set(colour) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+  assert colour["metrics"]["acc1"] == found["zero_shot/colour/top1"]
+  assert colour["metrics"]["acc5"] == found["zero_shot/colour/top5"]
+  assert colour["metrics"]["mean_per_class_recall"] == found["zero_shot/colour/mean_per_class_recall"]
+  retrieval = bench[("synthetic", "zeroshot_retrieval")]["metrics"]
+  assert retrieval["text_retrieval_recall@5"] == found["retrieval/i2t_r5"]
+  assert retrieval["image_retrieval_recall@5"] == found["retrieval/t2i_r5"]
+  # An evaluation in which every suite was skipped fails in one line.
+  with pytest.raises(SystemExit, match="nothing was evaluated: every suite was skipped"):
+    cli.main(["--model", str(root / "export"), "--suite", "coco", "--data_dir", str(root),
+              "--out", str(root / "none")])
   # Side by side, without a model: the second copy is renamed, numbers kept.
   cli.main(["--compare", str(root / "report"), str(root / "report"), "--out", str(root / "both")])
   both = json.load(open(root / "both" / report.RESULTS))["models"]
