@@ -19,6 +19,7 @@ Every field is validated (`validate`) before anything is built or compiled.
 
 import json
 import logging
+import os
 import signal
 import time
 
@@ -260,7 +261,9 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
                                skip_nonfinite=config.on_nonfinite == "skip",
                                accum_steps=config.optim.accum_steps,
                                clip_grad_norm=config.optim.clip_grad_norm)
-  writer = MetricWriter(workdir, active=lead)
+  wandb = ({"project": config.log.wandb_project, "name": os.path.basename(workdir.rstrip("/")),
+            "config": json.loads(config_json)} if config.log.wandb else None)
+  writer = MetricWriter(workdir, active=lead, wandb=wandb)
   if lead:
     workdir_lib.record_start(workdir, config_json, int(state.step))
 
