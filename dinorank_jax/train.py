@@ -19,7 +19,6 @@ Every field is validated (`validate`) before anything is built or compiled.
 
 import json
 import logging
-import os
 import signal
 import time
 
@@ -261,9 +260,7 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
                                skip_nonfinite=config.on_nonfinite == "skip",
                                accum_steps=config.optim.accum_steps,
                                clip_grad_norm=config.optim.clip_grad_norm)
-  wandb = ({"project": config.log.wandb_project, "name": os.path.basename(workdir.rstrip("/")),
-            "config": json.loads(config_json)} if config.log.wandb else None)
-  writer = MetricWriter(workdir, active=lead, wandb=wandb)
+  writer = MetricWriter(workdir, active=lead)
   if lead:
     workdir_lib.record_start(workdir, config_json, int(state.step))
 

@@ -78,8 +78,6 @@ def paper(*, order: int = 3, epochs: int = 64, students: str = "both",
   c.optim.lr = 5e-4
   c.optim.warmup_steps = 2000
   c.optim.weight_decay = 0.2
-  c.optim.accum_steps = 1                   # micro-batches per step; the step is unchanged
-  c.optim.clip_grad_norm = 0.0              # > 0: clip the gradient's global norm
 
   c.mesh = ConfigDict()
   c.mesh.fsdp = 1                           # > 1 shards parameters and optimiser state
@@ -89,9 +87,6 @@ def paper(*, order: int = 3, epochs: int = 64, students: str = "both",
   c.checkpoint.max_to_keep = 3
 
   c.log_every = 50
-  c.log = ConfigDict()
-  c.log.wandb = False                       # also log to Weights & Biases (the wandb extra)
-  c.log.wandb_project = "dinorank_jax"
   c.eval_every = 5000                       # steps; also at the end
   c.eval_batch_size = 1024
   c.on_nonfinite = "stop"                   # stop | skip (the update)

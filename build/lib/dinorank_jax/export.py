@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 
 from dinorank_jax import errors
 from dinorank_jax.data import records
-from dinorank_jax.data.tokenizer import CONTEXT_LENGTH, TextTokenizer
+from dinorank_jax.data.tokenizer import CLIP_BPE_ID, CONTEXT_LENGTH, TextTokenizer
 from dinorank_jax.models import CONFIG_FIELDS, DinoRankCLIP, from_config
 from dinorank_jax.models.layers import stack_layers
 from dinorank_jax.models.vit import normalise_images
@@ -178,7 +178,7 @@ class ExportedModel:
     self.model, self.params, self.config = model, params, model_config
     self.image_size, self.batch_size = model_config["image_size"], batch_size
     name = model_config["tokenizer"]
-    self.tokenizer = TextTokenizer.from_id(name)
+    self.tokenizer = TextTokenizer(None if name == CLIP_BPE_ID else name)
     self.logit_scale = float(jnp.exp(params["logit_scale"]))
     self.has_image_student = model.students != "none"
     self._images = jax.jit(lambda p, x: model.apply(

@@ -23,7 +23,6 @@ import functools
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -126,8 +125,7 @@ def _local_losses(objective, model, params, out, batch, scale, key, active, stat
 
 def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
                     objective: Objective, mesh, state_sharding, *, steps_per_epoch: int,
-                    epochs: int, seed: int = 0, skip_nonfinite: bool = False,
-                    accum_steps: int = 1, clip_grad_norm: float = 0.0):
+                    epochs: int, seed: int = 0, skip_nonfinite: bool = False):
   """A jitted `step(state, batch) -> (state, metrics)`; the state is donated.
 
   `batch` is a dict of global arrays sharded over `BATCH` (see
@@ -137,33 +135,18 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
   `state_sharding` places the state (`parallel.state_shardings`). With
   `skip_nonfinite`, a step whose loss is not finite leaves the parameters and
   optimiser state as they were (`metrics["finite"]` says which happened).
-
-  `accum_steps > 1` runs the towers on `accum_steps` micro-batches of the
-  batch in turn, but scores the losses on the whole batch, so the step equals
-  the one without accumulation (the contrastive and rank terms keep all the
-  batch's negatives; see `accumulated_grads`) while the towers' activations
-  live for one micro-batch at a time. `clip_grad_norm > 0` scales the
-  gradient to at most that global norm before the optimiser (`grad_norm`
-  logs the norm before clipping).
   """
   base_key = jax.random.key(seed)
   student_patch = vit_size(model.image_student)[3]
   replicated = NamedSharding(mesh, P())
   batch_spec = P(BATCH)
 
-  def forward(params, batch):
-    """The towers: per-example outputs (and the shared logit scale)."""
+  def loss_fn(params, batch, step, stats):
+    active = optim.active_order(step, steps_per_epoch, model.rank_order)
     out = model.apply({"params": params}, normalise_images(batch["image"]), batch["tokens"])
     if objective.alip:   # the second path: the same text tower on the synthetic captions
       out["caption"] = model.apply({"params": params}, batch["syn_tokens"],
                                    method=DinoRankCLIP.embed_texts)["text"]
-    return out
-
-  def loss_fn(params, batch, step, stats):
-    return objective_fn(params, forward(params, batch), batch, step, stats)
-
-  def objective_fn(params, out, batch, step, stats):
-    active = optim.active_order(step, steps_per_epoch, model.rank_order)
     side = batch["image"].shape[1] // student_patch
     local = jax.shard_map(
         functools.partial(_local_losses, objective, model, student_grid=(side, side)),
@@ -191,58 +174,14 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
                "active_order": active, "logit_scale": out["scale"], "loss": loss}
     return loss, (metrics, stats)
 
-  def accumulated_grads(params, batch, step, stats):
-    """`value_and_grad(loss_fn)` over `accum_steps` micro-batches: the towers
-    run micro-batch by micro-batch (first without gradients, for the outputs),
-    the objective on all outputs together, and the outputs' cotangents are
-    pulled back through the towers one micro-batch at a time."""
-    n = jax.tree.leaves(batch)[0].shape[0]
-    rows = n // accum_steps
-    # Micro-batch a holds rows a, a + A, a + 2A, …: each is spread over every
-    # device like the batch, and merging restores the batch's own order.
-    split = lambda x: jnp.swapaxes(x.reshape(rows, accum_steps, *x.shape[1:]), 0, 1)
-    merge = lambda x: jnp.swapaxes(x, 0, 1).reshape(n, *x.shape[2:])
-    micro = jax.tree.map(split, batch)
-    stacked = jax.lax.map(lambda mb: forward(params, mb), micro)
-    # Every output is per example but the logit scale, shared by the batch.
-    out = {k: v[0] if k == "scale" else jax.tree.map(merge, v) for k, v in stacked.items()}
-    (loss, aux), (grads, cotangents) = jax.value_and_grad(
-        objective_fn, argnums=(0, 1), has_aux=True, allow_int=True)(params, out, batch, step,
-                                                                    stats)
-    # The scale's cotangent is pulled back once, with micro-batch 0; integer
-    # and boolean outputs (masks) have none (a placeholder through the scan).
-    exact = lambda x: jnp.issubdtype(x.dtype, jnp.inexact)
-    first = lambda g: jnp.zeros((accum_steps, *g.shape), g.dtype).at[0].set(g)
-    cotangents = {k: first(g) if k == "scale" else jax.tree.map(
-        lambda g, x: split(g) if exact(x) else jnp.zeros(accum_steps), g, out[k])
-                  for k, g in cotangents.items()}
-    shapes = jax.tree.map(lambda x: x[0], stacked)      # one micro-batch's outputs
-
-    def pull_back(total, xs):
-      mb, g = xs
-      g = jax.tree.map(lambda c, x: c if exact(x) else np.zeros(x.shape, jax.dtypes.float0),
-                       g, shapes)
-      _, vjp = jax.vjp(lambda p: forward(p, mb), params)
-      return jax.tree.map(jnp.add, total, vjp(g)[0]), None
-
-    grads, _ = jax.lax.scan(pull_back, grads, (micro, cotangents))
-    return (loss, aux), grads
-
-  value_and_grads = (jax.value_and_grad(loss_fn, has_aux=True) if accum_steps == 1
-                     else accumulated_grads)
-
   def step_fn(state: TrainState, batch):
     tags = optim.order_tags(state.params)
-    (loss, (metrics, stats)), grads = value_and_grads(state.params, batch, state.step,
-                                                      state.stats)
-    grad_norm = optax.tree.norm(grads)
-    if clip_grad_norm:
-      grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip_grad_norm / (grad_norm + 1e-6)),
-                           grads)
+    (loss, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, state.step, state.stats)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = optim.freeze_inactive(updates, tags, metrics["active_order"])
     params = optax.apply_updates(state.params, updates)
-    metrics.update(grad_norm=grad_norm, param_norm=optax.tree.norm(params),
+    metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                    update_norm=optax.tree.norm(updates))
     finite = jnp.isfinite(loss)
     if skip_nonfinite:

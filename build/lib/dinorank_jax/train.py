@@ -19,7 +19,6 @@ Every field is validated (`validate`) before anything is built or compiled.
 
 import json
 import logging
-import os
 import signal
 import time
 
@@ -84,11 +83,10 @@ def validate(config) -> None:
   for name in ("batch_size", "epochs", "eval_batch_size", "log_every", "checkpoint.every",
                "checkpoint.max_to_keep", "data.image_size", "data.threads",
                "model.embed_dim", "model.rank_head_dim", "model.rank_chunk_size",
-               "objective.text_slots", "objective.rkd_max_triples", "optim.accum_steps"):
+               "objective.text_slots", "objective.rkd_max_triples"):
     _at_least(config, name, 1)
   for name in ("eval_every", "data.worker_count", "optim.warmup_steps", "optim.weight_decay",
-               "optim.lr", "optim.clip_grad_norm", "objective.rank_max", "objective.pl_eps",
-               "objective.alpha_image",
+               "optim.lr", "objective.rank_max", "objective.pl_eps", "objective.alpha_image",
                "objective.alpha_text", "objective.beta", "objective.fusion_gate",
                "objective.rank_gate", "objective.cyclic_in", "objective.cyclic_cross"):
     _at_least(config, name, 0)
@@ -144,10 +142,6 @@ def _check(config, meta: dict | None) -> None:
     if config[name] % devices or config[name] % jax.process_count():
       raise ConfigError(f"config.{name}={config[name]} must be a multiple of the "
                         f"{devices} devices")
-  if config.batch_size % (config.optim.accum_steps * devices):
-    raise ConfigError(f"config.batch_size={config.batch_size} must be a multiple of "
-                      f"config.optim.accum_steps={config.optim.accum_steps} x {devices} devices "
-                      "(every micro-batch is spread over every device)")
 
 
 def _read_metadata(path: str) -> dict | None:
@@ -258,12 +252,8 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
   train_step = make_train_step(model, tx, objective, mesh, shardings,
                                steps_per_epoch=steps_per_epoch, epochs=config.epochs,
                                seed=config.seed,
-                               skip_nonfinite=config.on_nonfinite == "skip",
-                               accum_steps=config.optim.accum_steps,
-                               clip_grad_norm=config.optim.clip_grad_norm)
-  wandb = ({"project": config.log.wandb_project, "name": os.path.basename(workdir.rstrip("/")),
-            "config": json.loads(config_json)} if config.log.wandb else None)
-  writer = MetricWriter(workdir, active=lead, wandb=wandb)
+                               skip_nonfinite=config.on_nonfinite == "skip")
+  writer = MetricWriter(workdir, active=lead)
   if lead:
     workdir_lib.record_start(workdir, config_json, int(state.step))
 

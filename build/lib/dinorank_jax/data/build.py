@@ -2,17 +2,14 @@
 
     python -m dinorank_jax.data.build --source synthetic --out DIR [--num 20000] [--split val]
     python -m dinorank_jax.data.build --source tsv --input pairs.tsv --out DIR
-    python -m dinorank_jax.data.build --source webdataset --input 'cc3m/{00000..00331}.tar' --out DIR
+    python -m dinorank_jax.data.build --source webdataset --input 'cc3m/*.tar' --out DIR
 
 Sources: `synthetic` (dinorank_jax.data.synthetic); `tsv`/`csv`, a table with
 a header naming an image-path column (`--image_column`, default `image`;
 relative paths are read from the table's folder) and a caption column
 (`--caption_column`, default `caption`), one optional `key` column; and
 `webdataset`, tar shards as img2dataset writes them (`{key}.jpg` +
-`{key}.txt`). `--input` takes a path, a glob or a brace pattern
-(`cc3m/{00000..00331}.tar`, `{a,b}.tsv`), for tables as for tar shards; the
-input is streamed, and at most `WINDOW_PER_WORKER` shards per worker are in
-flight, so memory does not grow with the corpus.
+`{key}.txt`).
 
 Synthetic captions (for the ALIP baseline, `configs/alip.py`) come from a
 table's `--syn_caption_column` (default `syn_caption`, used when the table
@@ -32,7 +29,6 @@ are read (the tokens keep the first 77).
 """
 
 import argparse
-import collections
 import csv
 import functools
 import glob
@@ -41,7 +37,6 @@ import itertools
 import logging
 import multiprocessing
 import os
-import re
 import sys
 import tarfile
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -57,28 +52,6 @@ from dinorank_jax.data.tokenizer import CONTEXT_LENGTH, TextTokenizer
 CONTENT_ARGS = ("source", "input", "image_column", "caption_column", "syn_caption_column",
                 "num", "seed", "image_size", "max_side", "shard_size", "tokenizer")
 csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))   # captions of any length
-WINDOW_PER_WORKER = 2          # shards in flight per worker
-_BRACES = re.compile(r"\{([^{}]*)\}")
-
-
-def expand(pattern: str) -> list[str]:
-  """The files a `--input` names, in order: brace patterns as img2dataset
-  users type them (`cc3m/{00000..00331}.tar`, zero padding kept; `{a,b}`
-  lists), then shell globs; a plain path is itself."""
-  found = _BRACES.search(pattern)
-  if found:
-    body = found[1]
-    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if span:
-      first, last = span.groups()
-      parts = [f"{i:0{len(first)}d}" for i in range(int(first), int(last) + 1)]
-    else:
-      parts = body.split(",")
-    head, tail = pattern[:found.start()], pattern[found.end():]
-    return [p for part in parts for p in expand(head + part + tail)]
-  if any(c in pattern for c in "*?["):
-    return sorted(glob.glob(pattern))
-  return [pattern] if os.path.exists(pattern) else []
 
 
 class Skip(Exception):
@@ -119,28 +92,18 @@ def _load_synthetic(seed, size, index):
 
 
 def table_source(args):
-  paths = expand(args.input)
-  if not paths:
-    raise errors.UserError(f"no table matches --input {args.input!r}")
-  return _table_items(args, paths), _load_file
-
-
-def _table_items(args, paths):
-  """Rows of every table, streamed (`(key, image path, caption, syn caption)`)."""
   delimiter = "\t" if args.source == "tsv" else ","
-  index = 0
-  for path in paths:
-    folder = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="") as f:
-      reader = csv.DictReader(f, delimiter=delimiter)
-      for column in (args.image_column, args.caption_column):
-        if reader.fieldnames and column not in reader.fieldnames:
-          raise errors.UserError(f"{path} has no column {column!r} (columns: "
-                                 f"{reader.fieldnames}); set --image_column / --caption_column")
-      for row in reader:
-        yield (row.get("key") or f"{index:09d}", os.path.join(folder, row[args.image_column]),
-               row[args.caption_column], row.get(args.syn_caption_column) or "")
-        index += 1
+  folder = os.path.dirname(os.path.abspath(args.input))
+  with open(args.input, newline="") as f:
+    rows = list(csv.DictReader(f, delimiter=delimiter))
+  for column in (args.image_column, args.caption_column):
+    if rows and column not in rows[0]:
+      raise ValueError(f"{args.input} has no column {column!r} (columns: {list(rows[0])}); "
+                       "set --image_column / --caption_column")
+  items = [(row.get("key") or f"{i:09d}", os.path.join(folder, row[args.image_column]),
+            row[args.caption_column], row.get(args.syn_caption_column) or "")
+           for i, row in enumerate(rows)]
+  return items, _load_file
 
 
 def _load_file(item):
@@ -154,10 +117,9 @@ def _load_file(item):
 
 
 def webdataset_source(args):
-  paths = expand(args.input)
+  paths = sorted(glob.glob(args.input))
   if not paths:
-    raise errors.UserError(f"no tar shards match --input {args.input!r} (a path, a glob or a "
-                           "brace pattern such as 'cc3m/{00000..00331}.tar')")
+    raise FileNotFoundError(f"no tar shards match --input {args.input!r}")
   return _webdataset_items(paths), _identity
 
 
@@ -231,7 +193,7 @@ def _build_shard(directory, index, items, load, max_side, tokenizer_dir):
 def _content(args) -> dict:
   out = {k: getattr(args, k) for k in CONTENT_ARGS}
   for k in ("input", "tokenizer"):
-    if out[k] and not any(c in out[k] for c in "*?[{"):
+    if out[k] and not any(c in out[k] for c in "*?["):
       out[k] = os.path.abspath(out[k])
   if args.source == "synthetic":
     out.pop("input")
@@ -239,21 +201,6 @@ def _content(args) -> dict:
     for k in ("num", "seed", "image_size"):
       out.pop(k)
   return out
-
-
-def _in_order(pool, tasks, window: int):
-  """The results of `tasks` (`(fn, *args)` to submit, or a finished shard's
-  sidecar) in order, with at most `window` of them submitted and not yet
-  collected: the input is read only as fast as shards are written, so memory
-  stays bounded whatever the corpus size."""
-  pending = collections.deque()
-  collect = lambda x: x if isinstance(x, dict) else x.result()
-  for task in tasks:
-    pending.append(task if isinstance(task, dict) else pool.submit(*task))
-    if len(pending) >= window:
-      yield collect(pending.popleft())
-  while pending:
-    yield collect(pending.popleft())
 
 
 def build(args) -> dict:
@@ -265,12 +212,13 @@ def build(args) -> dict:
   # Spawned, not forked: forking a process that runs JAX's threads can deadlock.
   pool = (ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
           if args.workers > 1 else ThreadPoolExecutor(1))
-  tasks = (records.read_sidecar(args.out, index)   # a finished shard
-           or (_build_shard, args.out, index, chunk, load, args.max_side, args.tokenizer)
-           for index, chunk in enumerate(chunks))
   with pool:
-    sidecars = list(tqdm(_in_order(pool, tasks, WINDOW_PER_WORKER * max(args.workers, 1)),
-                         desc=f"building {args.out}", unit="shard"))
+    futures = [records.read_sidecar(args.out, index)   # a finished shard
+               or pool.submit(_build_shard, args.out, index, chunk, load, args.max_side,
+                              args.tokenizer)
+               for index, chunk in enumerate(chunks)]
+    sidecars = [f if isinstance(f, dict) else f.result()
+                for f in tqdm(futures, desc=f"building {args.out}", unit="shard")]
   counts = {k: sum(s.get(k, 0) for s in sidecars)
             for k in ("count", "corrupt", "empty_caption", "syn_caption")}
   meta = {

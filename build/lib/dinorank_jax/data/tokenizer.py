@@ -6,11 +6,7 @@ the package (`pip install --no-deps open_clip_torch==3.3.0`; the Makefile
 does). The pipeline is CLIP's: ftfy + HTML-unescape clean-up, NFC, whitespace
 collapse, lower case, CLIP's word regex, byte-level BPE with `</w>` word ends.
 Rows are `<start> … <end>` padded with 0 to 77 ids; truncation keeps the end
-token. Any local Hugging Face tokenizer directory (`tokenizer.json`) works too:
-its start, end and padding ids are its own special tokens (what its
-post-processor adds around a text, and its padding token), never guessed
-from a padded encoding; its own padding and truncation are replaced by the
-rule above, so the end token survives truncation for every tokenizer.
+token. Any local Hugging Face tokenizer directory (`tokenizer.json`) works too.
 """
 
 import gzip
@@ -27,7 +23,6 @@ CLIP_BPE_ID = "openai-clip-bpe-16e6"
 CLIP_WORDS = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]"
               r"|[^\s\p{L}\p{N}]+")
 _NUM_MERGES = 49152 - 256 - 2
-PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>")
 
 
 def open_clip_file(name: str) -> str:
@@ -103,24 +98,11 @@ class TextTokenizer:
         raise FileNotFoundError(f"no tokenizer.json in {directory} (--tokenizer)")
       self._tokenizer = Tokenizer.from_file(file)
       self.name = os.path.abspath(directory)
-      padding = self._tokenizer.padding
-      self._tokenizer.no_padding()
-      self._tokenizer.no_truncation()
       ends = self._tokenizer.encode("", add_special_tokens=True).ids
-      if not ends:
-        raise ValueError(f"{file} adds no special tokens around a text (no post-processor "
-                         "with an end-of-text token): the towers pool at the end token")
-      self.sot_id, self.eot_id = ends[0], ends[-1]
-      pads = [self._tokenizer.token_to_id(t) for t in PAD_TOKENS]
-      self.pad_id = (padding["pad_id"] if padding
-                     else next((i for i in pads if i is not None), 0))
+      self.sot_id, self.eot_id = (ends[0], ends[-1]) if ends else (None, None)
+      self.pad_id = self._tokenizer.token_to_id("[PAD]") or 0
       self._specials = False
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-
-  @classmethod
-  def from_id(cls, name: str) -> "TextTokenizer":
-    """The tokenizer a dataset's or an export's metadata names (`name`)."""
-    return cls(None if name == CLIP_BPE_ID else name)
 
   def __call__(self, texts: list[str], length: int = CONTEXT_LENGTH) -> np.ndarray:
     encoded = self._tokenizer.encode_batch([clean(t) for t in texts],

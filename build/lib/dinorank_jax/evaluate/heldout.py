@@ -98,7 +98,7 @@ def evaluate(model: DinoRankCLIP, params, mesh, directory: str, *, batch_size: i
   metrics = {"eval/skipped": float(n - valid.sum()),
              **{f"retrieval/{k}": v for k, v in recall.items()}}
 
-  tokenizer = TextTokenizer.from_id(meta["tokenizer"])   # the corpus' own
+  tokenizer = TextTokenizer()
 
   def encode_text(texts):
     tokens = np.asarray(tokenizer(texts, CONTEXT_LENGTH), np.int32)

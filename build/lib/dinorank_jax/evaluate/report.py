@@ -7,9 +7,7 @@ Figures: `order_sweep.png` (zero-shot top-1 against the rank order R of each
 model), `modality_gap.png` (both clouds on their first two principal axes,
 one panel per model), `fidelity.png` (the teacher–student Gram cosine
 histogram of each model) and `gram.png` (teacher and student Gram matrices
-of the first held-out images). `clip_benchmark/` holds the zero-shot and
-retrieval numbers again as CLIP_benchmark's JSON records
-(`evaluate.clip_benchmark`).
+of the first held-out images).
 """
 
 import json
@@ -20,8 +18,6 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from dinorank_jax.evaluate import clip_benchmark  # pylint: disable=wrong-import-position
 
 RESULTS = "results.json"
 # (column, suite, metric) per paper table; values are shown in percent.
@@ -230,8 +226,7 @@ def write(results: dict, out: str) -> dict:
   """Writes the JSON, the figures and the Markdown to `out`; returns the results."""
   os.makedirs(out, exist_ok=True)
   results = {**results, "figures": [f for f, draw in FIGURES.items()
-                                    if draw(results["models"], os.path.join(out, f))],
-             "clip_benchmark": clip_benchmark.write(results, out)}
+                                    if draw(results["models"], os.path.join(out, f))]}
   with open(os.path.join(out, RESULTS), "w") as f:
     json.dump(results, f, indent=1)
   with open(os.path.join(out, "report.md"), "w") as f:

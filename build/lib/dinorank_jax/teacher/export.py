@@ -4,13 +4,9 @@
         --image_teacher DINOV3_DIR --text_teacher TEXT_ENCODER_DIR
 
 The image teacher is any local `transformers` DINO / DINOv2 / DINOv3 ViT
-checkpoint directory; it sees the whole stored image resized to a square
-and gives its class token and patch grid (register tokens excluded). The
-resize and the pixel statistics are the checkpoint's own, read from its
-`preprocessor_config.json` (`image_mean`, `image_std`, `resample`, and the
-side from `size` unless `--image_size` is given); without one they are
-ImageNet's, bicubic, 224 (`Preprocessing`), and they are recorded in the
-metadata. Patch tokens are reduced by a PCA to `--pca_dim` channels,
+checkpoint directory; it sees the whole stored image resized to
+`--image_size` square and gives its class token and patch grid (register
+tokens excluded). Patch tokens are reduced by a PCA to `--pca_dim` channels,
 fitted once on `--pca_images` images drawn at random (seed 0) from the whole
 dataset, read by random access (saved as `pca.npz`). The text teacher is
 any local `transformers` text encoder directory: token states, attention mask
@@ -23,9 +19,7 @@ finished ones. Runs on the GPU when torch sees one.
 """
 
 import argparse
-import dataclasses
 import io
-import json
 import os
 
 import grain
@@ -41,31 +35,8 @@ from dinorank_jax.teacher.pca import fit_pca, project
 
 TINY_TEACHER = "tiny-untrained"
 MINILM = "minilm"
-PROCESSOR_CONFIG = "preprocessor_config.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-  """How the image teacher wants its pixels (defaults: ImageNet's)."""
-  mean: tuple = (0.485, 0.456, 0.406)
-  std: tuple = (0.229, 0.224, 0.225)
-  resample: int = Image.BICUBIC
-  size: int = 224
-
-  @classmethod
-  def of(cls, path: str, size: int | None = None) -> "Preprocessing":
-    """The checkpoint directory's processor config; `size` overrides its side."""
-    config = {}
-    file = os.path.join(path, PROCESSOR_CONFIG)
-    if os.path.isfile(file):
-      with open(file) as f:
-        config = json.load(f)
-    side = config.get("size", {})
-    side = side.get("height", side.get("shortest_edge")) if isinstance(side, dict) else side
-    return cls(mean=tuple(config.get("image_mean", cls.mean)),
-               std=tuple(config.get("image_std", cls.std)),
-               resample=int(config.get("resample", cls.resample)),
-               size=int(size or side or cls.size))
+_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
+_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
 
 
 def load_image_teacher(path: str):
@@ -89,21 +60,20 @@ def load_text_teacher(path: str):
   return model, AutoTokenizer.from_pretrained(path, local_files_only=True), name
 
 
-def pixels(jpegs, prep: Preprocessing) -> torch.Tensor:
-  """JPEG bytes -> the teacher's normalised input `[B, 3, S, S]`."""
-  images = [np.asarray(Image.open(io.BytesIO(j)).convert("RGB").resize(
-      (prep.size, prep.size), prep.resample)) for j in jpegs]
-  mean, std = np.asarray(prep.mean, np.float32), np.asarray(prep.std, np.float32)
-  x = (np.stack(images).astype(np.float32) / 255.0 - mean) / std
+def _pixels(jpegs, size):
+  images = [np.asarray(Image.open(io.BytesIO(j)).convert("RGB").resize((size, size),
+                                                                      Image.BICUBIC))
+            for j in jpegs]
+  x = (np.stack(images).astype(np.float32) / 255.0 - _MEAN) / _STD
   return torch.from_numpy(x).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()
-def image_features(model, jpegs, prep: Preprocessing, device):
+def image_features(model, jpegs, size, device):
   """`(cls [B, C], patches [B, h, w, C])` as float32 NumPy."""
-  hidden = model(pixel_values=pixels(jpegs, prep).to(device)).last_hidden_state.float()
+  hidden = model(pixel_values=_pixels(jpegs, size).to(device)).last_hidden_state.float()
   registers = getattr(model.config, "num_register_tokens", 0) or 0
-  grid = prep.size // model.config.patch_size
+  grid = size // model.config.patch_size
   patches = hidden[:, 1 + registers:].reshape(len(jpegs), grid, grid, -1)
   return hidden[:, 0].cpu().numpy(), patches.cpu().numpy()
 
@@ -133,7 +103,6 @@ def export(args) -> dict:
                                      "data": os.path.abspath(args.data), **arguments},
                           args.overwrite)
   image_model, image_name = load_image_teacher(args.image_teacher)
-  prep = Preprocessing.of(args.image_teacher, args.image_size)   # tiny-untrained: defaults
   text_model, text_tok, text_name = load_text_teacher(args.text_teacher)
   image_model.to(device)
   text_model.to(device)
@@ -145,7 +114,7 @@ def export(args) -> dict:
     chosen = np.random.default_rng(0).choice(len(source), min(args.pca_images, len(source)),
                                              replace=False)
     sample = [records.decode_record(source[int(i)])["jpeg"] for i in np.sort(chosen)]
-    patches = np.concatenate([image_features(image_model, b, prep, device)[1]
+    patches = np.concatenate([image_features(image_model, b, args.image_size, device)[1]
                               for b in _batches(sample, args.batch_size)])
     mean, components = fit_pca(patches.reshape(-1, patches.shape[-1]), args.pca_dim)
     np.savez(pca_file + ".tmp.npz", mean=mean, components=components)
@@ -157,7 +126,7 @@ def export(args) -> dict:
       continue
     recs = [dict(records.decode_record(r)) for r in records.read_shard(path)]
     for batch in _batches(recs, args.batch_size):
-      cls, patches = image_features(image_model, [r["jpeg"] for r in batch], prep, device)
+      cls, patches = image_features(image_model, [r["jpeg"] for r in batch], args.image_size, device)
       reduced = project(patches, pca["mean"], pca["components"])
       tokens, mask, pooled = text_features(text_model, text_tok, [r["caption"] for r in batch],
                                            args.text_length, device)
@@ -170,10 +139,9 @@ def export(args) -> dict:
     stats = {k: v for k, v in sidecar.items() if k not in ("file", "count")}
     records.write_shard(args.out, index, recs, stats)
 
-  grid = prep.size // image_model.config.patch_size
+  grid = args.image_size // image_model.config.patch_size
   meta["teacher"] = {
-      "image": image_name, "text": text_name, "image_size": prep.size,
-      "image_mean": list(prep.mean), "image_std": list(prep.std), "resample": prep.resample,
+      "image": image_name, "text": text_name, "image_size": args.image_size,
       "grid": [grid, grid], "pca_file": "pca.npz", "pca_dim": int(pca["components"].shape[0]),
       "cls_dim": int(image_model.config.hidden_size),
       "text_dim": int(text_model.config.hidden_size), "text_length": args.text_length,
@@ -192,8 +160,7 @@ def main(argv=None):
                  help=f"local DINO/DINOv2/DINOv3 checkpoint directory, or {TINY_TEACHER}")
   p.add_argument("--text_teacher", default=MINILM,
                  help=f"local transformers text encoder directory, or {MINILM}")
-  p.add_argument("--image_size", type=int, default=None,
-                 help="teacher input side (default: its processor config's, else 224)")
+  p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--pca_dim", type=int, default=256)
   p.add_argument("--pca_images", type=int, default=1024)
   p.add_argument("--text_length", type=int, default=32)
