@@ -1,1 +1,0 @@
-"""Losses: pure functions of embeddings (and list heads), float32 or wider."""
