@@ -210,7 +210,7 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
         objective_fn, argnums=(0, 1), has_aux=True, allow_int=True)(params, out, batch, step,
                                                                     stats)
     # The scale's cotangent is pulled back once, with micro-batch 0; integer
-    # and boolean outputs (masks) have none (a placeholder through the scan).
+    # and boolean outputs (masks) have none: a zero stand-in travels through the scan.
     exact = lambda x: jnp.issubdtype(x.dtype, jnp.inexact)
     first = lambda g: jnp.zeros((accum_steps, *g.shape), g.dtype).at[0].set(g)
     cotangents = {k: first(g) if k == "scale" else jax.tree.map(
