@@ -287,6 +287,7 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
   if batch is not None:
     # Compiled here, once, so that compilation never counts as a step's time.
     train_step, report = compilation.compile_ahead(train_step, state, batch)
+    parallel.wait_for_all(f"train step compiled, step {start}")
     logging.info("train step: %s", compilation.describe(report))
     writer.write(start, {f"compile/{k}": v for k, v in report.items()})
     timer = time.perf_counter()

@@ -26,8 +26,9 @@ for ((i = 0; i < n; i++)); do
   pids+=($!)
 done
 for ((i = 0; i < n; i++)); do
-  if ! wait -n; then
-    status=$?
+  status=0
+  wait -n || status=$?
+  if ((status != 0)); then
     kill "${pids[@]}" 2>/dev/null || true
     exit "$status"
   fi

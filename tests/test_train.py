@@ -25,6 +25,7 @@ from tests import tiny_corpus
 from tests.tiny_config import CONFIGS, get_config as tiny_config
 
 ROOT = os.path.dirname(CONFIGS)
+LAUNCH_CPU = os.path.join(ROOT, "launch", "multiprocess_cpu.sh")
 CONFIG_ARGS = {"r0": [None], "r1": [None], "r2": [None], "r3": [None], "r4": [None],
                "r5": [None], "clip": [None], "rankclip": [None], "demo": [None],
                "cyclip": [None, "demo"], "alip": [None, "demo"],
@@ -204,8 +205,11 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   proc = _main(tmp_path, single, *flags)
   assert proc.wait(timeout=600) == 0, proc.communicate()[0][-3000:]
   multi = str(tmp_path / "multi")
-  script = os.path.join(ROOT, "launch", "multiprocess_cpu.sh")
-  proc = subprocess.run(["bash", script, "2", "4", f"--workdir={multi}", *flags], cwd=ROOT,
+  # The single run's cache: process 0 loads the step from it while process 1
+  # (which never writes the cache) compiles it, so their first collective
+  # waits on `parallel.wait_for_all` rather than timing out in gloo.
+  proc = subprocess.run(["bash", LAUNCH_CPU, "2", "4", f"--workdir={multi}", *flags,
+                         f"--config.compilation_cache={tmp_path / 'jax_cache'}"], cwd=ROOT,
                         env=_env(tmp_path),
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -220,6 +224,12 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   # over 6 steps; 1e-4 is far below what a missed cross-process reduction gives.
   for a, b in zip(_saved_params(single, 6), _saved_params(multi, 6)):
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
+
+
+def test_multiprocess_launcher_returns_a_failed_process_status():
+  proc = subprocess.run(["bash", LAUNCH_CPU, "2", "1"], env={**os.environ, "PYTHON": "false"},
+                        capture_output=True, timeout=60)
+  assert proc.returncode == 1
 
 
 def test_alip_refuses_records_without_synthetic_captions():
