@@ -48,8 +48,10 @@ def test_scanned_tower_with_restacked_weights_equals_the_unrolled_one(name):
   assert all(leaf.shape[0] == 2 for leaf in layers)             # tiny: 2 layers
   assert jax.tree.structure(stacked) == jax.tree.structure(
       jax.eval_shape(scanned.init, jax.random.key(1), *x)["params"])
+  # float32 rounding only: XLA fuses the loop body and the unrolled blocks
+  # differently, and which fusion it picks depends on the CPU (1.3e-6 seen).
   chex.assert_trees_all_close(scanned.apply({"params": stacked}, *x),
-                              unrolled.apply({"params": params}, *x), rtol=1e-6, atol=1e-6)
+                              unrolled.apply({"params": params}, *x), rtol=1e-5, atol=1e-5)
 
 
 def test_whole_model_scanned_equals_unrolled_and_counts_the_same_parameters():
