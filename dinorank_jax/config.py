@@ -89,6 +89,9 @@ def paper(*, order: int = 3, epochs: int = 64, students: str = "both",
   c.checkpoint.max_to_keep = 3
 
   c.log_every = 50
+  c.log = ConfigDict()
+  c.log.wandb = False                       # also log to Weights & Biases (the wandb extra)
+  c.log.wandb_project = "dinorank_jax"
   c.eval_every = 5000                       # steps; also at the end
   c.eval_batch_size = 1024
   c.on_nonfinite = "stop"                   # stop | skip (the update)

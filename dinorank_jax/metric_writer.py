@@ -6,8 +6,15 @@ TensorFlow, and unlike tensorboardX no torch import).
 Only the lead process writes; the others hold a writer that does nothing,
 so callers need no `if jax.process_index() == 0`. Each JSONL line is
 `{"step": s, "name": value, ...}`, one line per `write` call.
+
+With `wandb` (a dict of `wandb.init` arguments: `config.log.wandb` on), the
+same scalars also go to Weights & Biases; `wandb` is imported only then (the
+`wandb` extra). The run id is derived from the workdir, so a resumed run
+continues the same W&B run; `WANDB_MODE=offline` keeps it on disk under
+`workdir/wandb/`.
 """
 
+import hashlib
 import json
 import os
 import time
@@ -19,12 +26,14 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 class MetricWriter:
 
-  def __init__(self, workdir: str, *, active: bool = True):
-    self.active = active
+  def __init__(self, workdir: str, *, active: bool = True, wandb: dict | None = None):
+    self.active, self.wandb = active, None
     if active:
       os.makedirs(workdir, exist_ok=True)
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       self.tensorboard = EventFileWriter(os.path.join(workdir, "tensorboard"))
+      if wandb is not None:
+        self.wandb = _wandb_run(workdir, wandb)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.active:
@@ -36,8 +45,18 @@ class MetricWriter:
                                                summary=summary))
     self.jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
     self.jsonl.flush()
+    if self.wandb is not None:
+      self.wandb.log(values, step=int(step))
 
   def close(self) -> None:
     if self.active:
       self.tensorboard.close()
       self.jsonl.close()
+      if self.wandb is not None:
+        self.wandb.finish()
+
+
+def _wandb_run(workdir: str, arguments: dict):
+  import wandb  # pylint: disable=import-outside-toplevel  # train.validate checked it is there
+  run_id = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]
+  return wandb.init(dir=workdir, id=run_id, resume="allow", **arguments)

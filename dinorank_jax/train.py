@@ -17,8 +17,10 @@ it (`workdir.lock`), `metrics.jsonl`, `tensorboard/` and `checkpoints/`.
 Every field is validated (`validate`) before anything is built or compiled.
 """
 
+import importlib.util
 import json
 import logging
+import os
 import signal
 import time
 
@@ -121,6 +123,9 @@ def validate(config) -> None:
   _choice(config, "objective.criterion", CRITERIA)
   _choice(config, "on_nonfinite", NONFINITE)
   _choice(config, "data.prepare", ("", "synthetic"))
+  if config.log.wandb and importlib.util.find_spec("wandb") is None:
+    raise ConfigError("config.log.wandb is on but wandb is not installed: pip install "
+                      "'dinorank_jax[wandb]', or set --config.log.wandb=False")
 
 
 def _check(config, meta: dict | None) -> None:
@@ -260,7 +265,9 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
                                skip_nonfinite=config.on_nonfinite == "skip",
                                accum_steps=config.optim.accum_steps,
                                clip_grad_norm=config.optim.clip_grad_norm)
-  writer = MetricWriter(workdir, active=lead)
+  wandb = ({"project": config.log.wandb_project, "name": os.path.basename(workdir.rstrip("/")),
+            "config": json.loads(config_json)} if config.log.wandb else None)
+  writer = MetricWriter(workdir, active=lead, wandb=wandb)
   if lead:
     workdir_lib.record_start(workdir, config_json, int(state.step))
 

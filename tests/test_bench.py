@@ -13,6 +13,7 @@ import pytest
 from dinorank_jax.bench import __main__ as bench
 from dinorank_jax import parallel
 from dinorank_jax.bench import compile as compile_suite
+from dinorank_jax.bench import build as build_suite
 from dinorank_jax.bench import data, flops, losses, step
 from dinorank_jax.models import DinoRankCLIP
 from dinorank_jax.optim import WARM_START_EPOCHS
@@ -126,6 +127,19 @@ def test_rank_scaling_and_data_suites_report():
   table = data.run(num_records=32, stored_side=64, image_size=32, batch_size=8,
                    settings=((1, 0),), rounds=1)
   assert table[0]["of_bare"] == 1.0 and table[1]["samples_s"] > 0
+
+
+def test_build_suite_reports_memory_and_rate_at_every_scale():
+  result = build_suite.run(pairs=16, scales=(1, 2), pairs_per_tar=8, shard_size=8, workers=1,
+                           distinct=4)
+  rows = result["rows"]
+  assert [(r["pairs"], r["tars"], r["written"]) for r in rows] == [(16, 2, 16), (32, 4, 32)]
+  for r in rows:           # a Python process with PIL and the tokenizer: tens of MiB at least
+    assert r["peak_rss_mib"] > 30 and r["build_pairs_s"] > 0 and r["bare_pairs_s"] > 0
+    assert r["of_bare"] == pytest.approx(r["build_pairs_s"] / r["bare_pairs_s"])
+  assert result["rss_ratio"] == pytest.approx(rows[1]["peak_rss_mib"] / rows[0]["peak_rss_mib"])
+  assert result["rss_met"] == (result["rss_ratio"] <= 1.2)
+  assert "peak RSS 2x / 1x" in build_suite.format_table(result, "build")
 
 
 def test_gpu_shape_on_a_cpu_backend_names_the_fix():

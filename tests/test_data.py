@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinorank_jax.data import build, pipeline, records, synthetic
+from dinorank_jax.data import build, pipeline, records, synthetic, verify
 from dinorank_jax.losses import distill
 from dinorank_jax.data.tokenizer import TextTokenizer
 from dinorank_jax.teacher.pca import fit_pca, project
@@ -85,7 +85,7 @@ def test_crop_alignment_of_image_and_teacher_grid():
         "teacher_text_mask": np.ones(2, bool), "teacher_text_pooled": np.zeros(3, np.float16)})
     decode = pipeline.Decode(image_size=64, seed=5, crop_scale=(0.1, 1.0))
     for position in range(40):
-      example = decode.map((position, (0, record)))
+      example = decode.map((position, (0, [record])))
       target = np.asarray(distill.align_teacher_grid(
           jnp.asarray(example["teacher_patches"])[None], jnp.asarray(example["crop"])[None],
           jnp.asarray(example["flip"])[None], grid))[0].reshape(*grid, 2)
@@ -103,7 +103,7 @@ def test_crop_alignment_of_image_and_teacher_grid():
       clamped = np.clip(exact, 0.5 / w_t, 1 - 0.5 / w_t)
       np.testing.assert_allclose(target, clamped, atol=2e-3)
   # Both flips occurred: the x-ramp in the image runs both ways across seeds.
-  directions = {np.sign(pipeline.Decode(64).map((i, (0, record)))["image"][32, -1, 0].astype(int) - 128)
+  directions = {np.sign(pipeline.Decode(64).map((i, (0, [record])))["image"][32, -1, 0].astype(int) - 128)
                 for i in range(20)}
   assert directions == {-1, 1}
 
@@ -274,16 +274,42 @@ def test_pca_reconstructs_a_rank_256_signal_exactly():
 def test_teacher_export_on_the_tiny_teacher(tmp_path):
   from dinorank_jax.teacher import export
   directory = _synthetic(tmp_path, num=24)
+  second = records.shard_paths(directory)[1]
+  recs = [dict(records.decode_record(r)) for r in records.read_shard(second)]
+  recs[4]["jpeg"] = b"not a jpeg"                               # record 20: exported, skipped
+  records.write_shard(directory, 1, recs, {})
   out = str(tmp_path / "teacher")
   meta = export.export(argparse.Namespace(
       data=directory, out=out, image_teacher=export.TINY_TEACHER, text_teacher=export.MINILM,
       image_size=64, pca_dim=256, pca_images=16, text_length=16, batch_size=8, overwrite=False))
   assert meta["teacher"]["grid"] == [4, 4] and meta["teacher"]["pca_dim"] == 64
   rec = records.decode_record(records.read_shard(records.shard_paths(out)[0])[0])
+  # The teacher's fields only: the images stay in --data, stored once.
+  assert set(rec) == {"key", *records.TEACHER_FIELDS} and meta["images"] == "../syn"
   assert rec["teacher_patches"].shape == (4, 4, 64) and rec["teacher_patches"].dtype == np.float16
   assert rec["teacher_cls"].shape == (64,) and rec["teacher_text_tokens"].shape == (16, 384)
   assert rec["teacher_text_mask"].dtype == bool and rec["teacher_text_pooled"].shape == (384,)
   assert np.isfinite(rec["teacher_patches"].astype(np.float32)).all()
+
+  # Readers join the two by index: every batch has the image and its features.
+  batch = next(iter(pipeline.make_dataset(out, batch_size=8, image_size=16, seed=0,
+                                          num_epochs=1, shuffle=False)))
+  source = [records.decode_record(r) for r in records.read_shard(records.shard_paths(directory)[0])]
+  np.testing.assert_array_equal(batch["tokens"], [r["tokens"] for r in source[:8]])
+  np.testing.assert_array_equal(batch["teacher_cls"][0], rec["teacher_cls"])
+  checked = verify.verify(out, log=lambda line: None)
+  assert checked["ok"] == 23 and checked["skipped"]["invalid"] == 1
+  assert "shard-00001.array_record #4 (key 'syn-0-0000020'): field 'teacher_patches' missing" in checked["bad"][0]
+
+  # The pair moves together (the path is relative); a rebuilt image dataset is refused.
+  moved = tmp_path.parent / f"{tmp_path.name}-moved"
+  os.rename(tmp_path, moved)
+  assert records.Shards(str(moved / "teacher")).images == str(moved / "syn")
+  build.build(_build_args(source="synthetic", out=str(moved / "syn"), num=24, shard_size=16,
+                          workers=1, image_size=48, seed=1, overwrite=True))
+  with pytest.raises(records.DataError, match=r"syn was rebuilt after the teacher features in "
+                     r".*teacher were exported from it: rerun .*teacher.export with --overwrite"):
+    records.Shards(str(moved / "teacher"))
 
 
 def test_teacher_pixels_follow_its_processor_config(tmp_path):
@@ -301,7 +327,7 @@ def test_teacher_pixels_follow_its_processor_config(tmp_path):
   resized = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB").resize((32, 32),
                                                                           Image.BILINEAR))
   expected = (resized / 255.0 - [0.5, 0.4, 0.3]) / [0.2, 0.25, 0.5]
-  got = export.pixels([jpeg], prep)[0].permute(1, 2, 0).numpy()
+  got = export.pixels([export.resized(jpeg, prep)], prep)[0].permute(1, 2, 0).numpy()
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
   meta = export.export(argparse.Namespace(
       data=_synthetic(tmp_path, num=8), out=str(tmp_path / "t"),
@@ -334,3 +360,25 @@ def test_brace_patterns_name_shards_and_the_build_window_is_bounded(tmp_path):
   tasks = ((lambda i: {"count": i}, i) if i % 3 else {"count": i} for i in range(100))
   results = list(build._in_order(Pool(), tasks, window=4))
   assert [r["count"] for r in results] == list(range(100)) and Pool.most <= 4
+
+
+def test_an_interrupted_build_continues_from_its_finished_shards(tmp_path):
+  out = str(tmp_path / "raw")
+  args = lambda: build.parser().parse_args(
+      ["--source", "synthetic", "--out", out, "--num", "48", "--shard_size", "16",
+       "--workers", "1"])
+  build.build(args())
+  shard = lambda i: os.path.join(out, records.shard_name(i))
+  expected = [records.read_shard(p) for p in records.shard_paths(out)]
+  # Killed while writing shard 1 (its records there, its sidecar not yet) and
+  # before shard 2: the rerun must rebuild both and keep shard 0 as it is.
+  os.remove(shard(1) + ".json")
+  with open(shard(1) + ".array_record", "r+b") as f:
+    f.truncate(100)
+  os.remove(shard(2) + ".json")
+  os.remove(shard(2) + ".array_record")
+  os.utime(shard(0) + ".array_record", (1, 1))
+  meta = build.build(args())
+  assert os.stat(shard(0) + ".array_record").st_mtime == 1        # trusted: not rewritten
+  assert [records.read_shard(p) for p in records.shard_paths(out)] == expected
+  assert meta["counts"]["written"] == 48

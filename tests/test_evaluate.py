@@ -13,7 +13,7 @@ from PIL import Image
 
 from dinorank_jax import export, train
 from dinorank_jax.evaluate import __main__ as cli
-from dinorank_jax.evaluate import metrics, probe, prompts, report, suites
+from dinorank_jax.evaluate import clip_benchmark, metrics, probe, prompts, report, suites
 from dinorank_jax.evaluate.sources import tfds_split
 from tests import tiny_corpus
 from tests.tiny_config import get_config as tiny_config
@@ -189,6 +189,97 @@ def test_tfds_source_reads_a_prepared_dataset_and_probes_it(tmp_path):
   missing = suites.run("probe:tiny_colours", OneHotModel(), str(tmp_path / "elsewhere"))
   assert missing["status"].startswith("skipped: not found at ")
   assert str(tmp_path / "elsewhere" / "tiny_colours") in missing["status"]
+
+
+def _as_tfrecord(data_dir: str, name: str) -> None:
+  """Rewrites a prepared array_record dataset as tensorflow-datasets' tfrecord
+  form: the same serialised examples, framed with masked CRC-32Cs."""
+  import glob
+  import struct
+  from array_record.python.array_record_module import ArrayRecordReader
+  from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+  version = glob.glob(os.path.join(data_dir, name, "*", "dataset_info.json"))[0]
+  for path in glob.glob(os.path.join(os.path.dirname(version), "*.array_record-*")):
+    reader = ArrayRecordReader(path)
+    with open(path.replace(".array_record-", ".tfrecord-"), "wb") as f:
+      for data in reader.read_all():
+        length = struct.pack("<Q", len(data))
+        f.write(length + struct.pack("<I", masked_crc32c(length)) + data
+                + struct.pack("<I", masked_crc32c(data)))
+    reader.close()
+    os.remove(path)
+  info = json.load(open(version))
+  json.dump({**info, "fileFormat": "tfrecord"}, open(version, "w"))
+
+
+def test_tfds_source_reads_the_tfrecord_form_without_tensorflow(tmp_path):
+  _prepare_tfds(str(tmp_path), "tiny_colours")
+  expected = tfds_split(str(tmp_path), "tiny_colours", "test").read(np.arange(12), 16)
+  _as_tfrecord(str(tmp_path), "tiny_colours")
+  split = tfds_split(str(tmp_path), "tiny_colours", "test")
+  assert split.size == 12 and split.tasks == {"label": ["red", "green", "blue", "sea lion"]}
+  got = split.read(np.arange(12), 16)
+  np.testing.assert_array_equal(got["image"], expected["image"])
+  np.testing.assert_array_equal(got["labels"]["label"], expected["labels"]["label"])
+  result = suites.run("probe:tiny_colours", OneHotModel(), str(tmp_path))
+  assert result["status"] == "ok" and result["metrics"]["probe/label/top1"] == 1.0
+  assert "tensorflow" not in __import__("sys").modules
+
+
+def _webdataset(root, *, retrieval=False, per_class=3, shards=2):
+  """A CLIP_benchmark webdataset (`clip_benchmark_export_wds`'s layout):
+  example i shows class i mod 4, as `.cls` or as two captions naming it."""
+  import tarfile
+  os.makedirs(root / "test")
+  count = 4 if retrieval else 4 * per_class
+  tars = [tarfile.open(root / "test" / f"{n}.tar", "w") for n in range(shards)]
+  for i in range(count):
+    c, out = i % 4, io.BytesIO()
+    extension = ("webp", "png", "jpg")[i % 3]
+    Image.fromarray(np.full((20, 24, 3), 40 * c, np.uint8)).save(
+        out, {"jpg": "JPEG", "webp": "WEBP"}.get(extension, "PNG"), lossless=True, quality=100)
+    name = CLASSES[c].replace("_", " ")
+    members = {extension: out.getvalue(),
+               **({"txt": f"a {name}\n{name}, again".encode()} if retrieval
+                  else {"cls": str(c).encode()})}
+    for extension, data in members.items():
+      info = tarfile.TarInfo(f"s{i:07d}.{extension}")
+      info.size = len(data)
+      tars[i % shards].addfile(info, io.BytesIO(data))
+  broken = tarfile.TarInfo("s9999999.jpg")                 # an image that does not decode
+  broken.size = 4
+  tars[0].addfile(broken, io.BytesIO(b"junk"))
+  for tar in tars:
+    tar.close()
+  (root / "test" / "nshards.txt").write_text(f"{shards}\n")
+  if retrieval:
+    (root / "dataset_type.txt").write_text("retrieval\n")
+  else:
+    (root / "classnames.txt").write_text("".join(c.replace("_", " ") + "\n" for c in CLASSES))
+    (root / "zeroshot_classification_templates.txt").write_text(
+        "a photo of a {c}.\nitap of the {c}.\n")
+  return str(root)
+
+
+def test_clip_benchmark_webdatasets_give_zero_shot_and_retrieval(tmp_path):
+  root = _webdataset(tmp_path / "wds_colours")
+  result = suites.run(f"wds:{root}", OneHotModel(), str(tmp_path))
+  assert result["status"] == "ok" and result["examples"] == 12 and result["skipped"] == 1
+  assert result["metrics"]["zero_shot/label/top1"] == 1.0
+  split = suites.wds_split(root)
+  assert split.templates == ["a photo of a {}.", "itap of the {}."]
+  assert split.tasks == {"label": ["red", "green", "blue", "sea lion"]}
+
+  captions = _webdataset(tmp_path / "wds_captions", retrieval=True)
+  result = suites.run(f"wds:{captions}", OneHotModel(), str(tmp_path))
+  assert result["status"] == "ok" and result["examples"] == 4
+  assert result["metrics"] == {f"retrieval/{d}_r{k}": 1.0 for d in ("i2t", "t2i")
+                               for k in (1, 5, 10)}
+  named = clip_benchmark.records({"models": {"m": {"path": "/m", "suites": {
+      f"wds:{root}": {"metrics": {"zero_shot/label/top1": 1.0}}}}}})
+  assert named[0]["dataset"] == "wds/wds_colours" and named[0]["metrics"] == {"acc1": 1.0}
+  assert suites.run(f"wds:{tmp_path / 'none'}", OneHotModel(), "")["status"].startswith(
+      f"skipped: not found at {tmp_path / 'none'}/test/nshards.txt")
 
 
 def test_coco_retrieval_and_gap_read_captions_from_tfds(tmp_path):

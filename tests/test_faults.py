@@ -141,40 +141,47 @@ def test_resume_falls_back_refuses_changed_fields_and_keeps_every_config(tmp_pat
 # Bad data: skipped, counted and named.
 
 def _damage(directory: str) -> dict[str, int]:
-  """Rewrites the first shard of `directory` with one record of each kind of
-  damage; returns how many records of each skip reason it holds."""
-  path = records.shard_paths(directory)[0]
-  recs = [dict(records.decode_record(r)) for r in records.read_shard(path)]
-  recs[0]["teacher_patches"] = recs[0]["teacher_patches"][:2]          # another grid
-  del recs[1]["teacher_cls"]                                           # missing field
-  recs[2]["teacher_cls"] = np.full_like(recs[2]["teacher_cls"], np.nan)
+  """Rewrites the first shard of `directory` and of the images it joins with
+  one record of each kind of damage; returns how many records of each skip
+  reason they hold."""
+  images = records.images_directory(directory, records.read_metadata(directory))
+  read = lambda d: [dict(records.decode_record(r)) for r in records.read_shard(
+      records.shard_paths(d)[0])]
+  features, recs = read(directory), read(images)
+  features[0]["teacher_patches"] = features[0]["teacher_patches"][:2]  # another grid
+  del features[1]["teacher_cls"]                                       # missing field
+  features[2]["teacher_cls"] = np.full_like(features[2]["teacher_cls"], np.nan)
   recs[3]["tokens"] = np.full_like(recs[3]["tokens"], 10 ** 6)         # outside the vocabulary
   recs[4]["tokens"] = np.zeros_like(recs[4]["tokens"])                 # an empty caption
   recs[5]["jpeg"] = b"not a jpeg"
-  recs[6]["teacher_text_mask"] = recs[6]["teacher_text_mask"].astype(np.float16)  # dtype
-  records.write_shard(directory, 0, recs, {})
-  return {"invalid": 5, "nonfinite": 1, "corrupt": 1}
+  features[6]["teacher_text_mask"] = features[6]["teacher_text_mask"].astype(np.float16)
+  features[7]["key"] = "another record's"                              # out of step
+  records.write_shard(directory, 0, features, {})
+  records.write_shard(images, 0, recs, {})
+  return {"invalid": 6, "nonfinite": 1, "corrupt": 1}
 
 
 def test_bad_records_are_skipped_counted_and_named(tmp_path, caplog):
   directory = tiny_corpus.corpus(str(tmp_path / "train"), num=128)
   expected = _damage(directory)
-  _flip_byte(records.shard_paths(directory)[1])          # a damaged chunk in shard 1
+  images = records.images_directory(directory, records.read_metadata(directory))
+  _flip_byte(records.shard_paths(images)[1], at=0.3)     # a damaged chunk of shard 1's images
   expected["unreadable"] = 1
-  with caplog.at_level(logging.WARNING):
-    stream = iter(pipeline.make_dataset(directory, batch_size=8, image_size=16, seed=0,
+  with caplog.at_level(logging.WARNING):   # batches of 1: no partial batch drops a count
+    stream = iter(pipeline.make_dataset(directory, batch_size=1, image_size=16, seed=0,
                                         num_epochs=1, max_skip_fraction=0.2))
     batches = list(stream)
   skipped = np.sum([b["skipped"].sum(0) for b in batches], axis=0)
   assert dict(zip(records.SKIP_REASONS, skipped.tolist())) == expected
-  assert sum(len(b["tokens"]) for b in batches) == 120           # 128 − 8, whole batches
+  assert sum(len(b["tokens"]) for b in batches) == 119
   assert "shard-00000.array_record #1 (key" in caplog.text and "'teacher_cls' missing" in caplog.text
   assert "NaN or infinite" in caplog.text and "shard-00001.array_record #" in caplog.text
   assert "'teacher_patches' is float16[2, 4, 8], metadata.json says [4, 4, 8]" in caplog.text
+  assert "teacher features of key \"another record's\" sit beside" in caplog.text
 
   # data.verify reports the same counts, and exits 1.
   result = verify.verify(directory, log=lambda s: None)
-  assert result["skipped"] == expected and result["ok"] == 120
+  assert result["skipped"] == expected and result["ok"] == 119
   with pytest.raises(SystemExit) as exit_:
     verify.main([directory])
   assert exit_.value.code == 1
@@ -210,7 +217,7 @@ def test_training_logs_skips_and_finishes(tmp_path):
   train.train_and_evaluate(config, str(tmp_path / "run"))
   last = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")][-1]
   # Every pass over a bad record counts it: 2 epochs and the prefetch of a third.
-  assert 5 * 2 <= last["data/skipped_invalid"] <= 5 * 3
+  assert 6 * 2 <= last["data/skipped_invalid"] <= 6 * 3
   assert 2 <= last["data/skipped_nonfinite"] <= 3 and last["data/skipped_unreadable"] == 0
   assert last["data/skipped_total"] == sum(last[f"data/skipped_{r}"] for r in records.SKIP_REASONS)
 

@@ -25,7 +25,7 @@ def test_importing_every_module_loads_no_torch():
              if ".teacher" not in m.name]
   code = ("import importlib, sys\n"
           f"for m in {modules!r}: importlib.import_module(m)\n"
-          "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+          "print(sorted(m for m in ('torch', 'transformers', 'wandb') if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]", out.stdout
 

@@ -2,6 +2,7 @@
 SIGKILL and SIGTERM, and 2 processes × 4 devices against 1 × 8."""
 
 import glob
+import importlib.util
 import json
 import os
 import runpy
@@ -237,3 +238,26 @@ def test_alip_refuses_records_without_synthetic_captions():
   with pytest.raises(train.ConfigError, match=r"^config.objective.alip needs synthetic captions, "
                      r"and config.data.path=/data/cc3m has none: rebuild it with a syn_caption"):
     train._check(config, {"counts": {"written": 10, "syn_caption": 0}, "teacher": None})
+
+
+def test_wandb_writer_logs_offline_and_is_imported_only_when_asked(tmp_path, monkeypatch):
+  from dinorank_jax.metric_writer import MetricWriter
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  writer = MetricWriter(str(tmp_path), wandb={"project": "dinorank_jax_test", "name": "t",
+                                              "config": {"batch_size": 32}})
+  writer.write(1, {"loss": 2.5})
+  writer.write(2, {"loss": 2.0})
+  writer.close()
+  runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+  assert len(runs) == 1 and runs[0].stat().st_size > 0
+  assert [json.loads(l)["loss"] for l in open(tmp_path / "metrics.jsonl")] == [2.5, 2.0]
+  config = tiny_config(str(tmp_path))
+  config.log.wandb = True
+  train.validate(config)
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+  with pytest.raises(train.ConfigError, match=r"^config.log.wandb is on but wandb is not "
+                     r"installed: pip install 'dinorank_jax\[wandb\]'"):
+    train.validate(config)

@@ -14,8 +14,9 @@ TEACHER = {"image": "gaussian-stand-in", "text": "gaussian-stand-in", "image_siz
 
 
 def corpus(directory: str, *, num: int, seed: int = 0, poison: bool = False) -> str:
-  """A corpus of `num` synthetic pairs at `directory`; `poison` makes every
-  record's teacher patch grid infinite."""
+  """A corpus of `num` synthetic pairs: the images at `directory-raw`, the
+  stand-in teacher features joined to them at `directory`, as the export
+  writes them; `poison` makes every record's teacher patch grid infinite."""
   raw = directory + "-raw"
   args = build.parser().parse_args(["--source", "synthetic", "--out", raw, "--num", str(num),
                                     "--seed", str(seed), "--image_size", "48",
@@ -24,16 +25,20 @@ def corpus(directory: str, *, num: int, seed: int = 0, poison: bool = False) -> 
   rng = np.random.default_rng(seed)
   os.makedirs(directory, exist_ok=True)
   for index, path in enumerate(records.shard_paths(raw)):
-    recs = [dict(records.decode_record(r)) for r in records.read_shard(path)]
-    for r in recs:
+    features = []
+    for r in records.read_shard(path):
       patches = rng.normal(size=(4, 4, 8)).astype(np.float16)
-      r.update(teacher_patches=np.full_like(patches, np.inf) if poison else patches,
-               teacher_cls=rng.normal(size=10).astype(np.float16),
-               teacher_text_tokens=rng.normal(size=(12, 6)).astype(np.float16),
-               teacher_text_mask=np.arange(12) < rng.integers(2, 12),
-               teacher_text_pooled=rng.normal(size=6).astype(np.float16))
-    records.write_shard(directory, index, recs, {})
-  records.write_json(os.path.join(directory, records.METADATA), {**meta, "teacher": TEACHER})
+      features.append({
+          "key": records.decode_record(r)["key"],
+          "teacher_patches": np.full_like(patches, np.inf) if poison else patches,
+          "teacher_cls": rng.normal(size=10).astype(np.float16),
+          "teacher_text_tokens": rng.normal(size=(12, 6)).astype(np.float16),
+          "teacher_text_mask": np.arange(12) < rng.integers(2, 12),
+          "teacher_text_pooled": rng.normal(size=6).astype(np.float16)})
+    records.write_shard(directory, index, features, {})
+  records.write_json(os.path.join(directory, records.METADATA), {
+      **meta, "teacher": TEACHER, "images": os.path.relpath(raw, directory),
+      "images_build": records.read_build(raw)})
   return directory
 
 

@@ -16,7 +16,10 @@ Suites (comma-separated, or `all`):
   full order-3 model (`bench.step`, `bench.flops`);
 * `rank`: the exact order-3 loss as rows and M grow: time, temporaries and
   fitted exponents (`bench.losses.scaling`);
-* `data`: the input pipeline against a bare decode loop (`bench.data`).
+* `data`: the input pipeline against a bare decode loop (`bench.data`);
+* `build`: the webdataset builder at 1×, 4× and 16× a synthetic corpus: peak
+  resident memory and pairs/s against a bare decode-and-re-encode loop
+  (`bench.build`).
 
 `--device` picks the shape (`bench.step.SHAPES`) and checks the backend
 (`--suite compile` alone compiles the gpu shape on any backend);
@@ -35,9 +38,9 @@ import jax
 
 from dinorank_jax import compilation, errors
 from dinorank_jax.bench import compile as compile_suite
-from dinorank_jax.bench import data, losses, step
+from dinorank_jax.bench import build, data, losses, step
 
-SUITES = ("compile", "step", "mfu", "rank", "data")
+SUITES = ("compile", "step", "mfu", "rank", "data", "build")
 
 
 def model_overrides(text: str) -> dict:
@@ -63,6 +66,9 @@ def parse(argv=None):
   p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: "
                  "the vendor's dense bf16 figure for known GPUs)")
   p.add_argument("--data_records", type=int, default=512, help="data suite: records")
+  p.add_argument("--build_pairs", type=int, default=2048, help="build suite: pairs at 1x")
+  p.add_argument("--build_scales", default="1,4,16", help="build suite: corpus multiples")
+  p.add_argument("--build_workers", type=int, help="build suite: workers (default: all cores)")
   p.add_argument("--profile", help="write a profiler trace of three order-3 steps here")
   p.add_argument("--json", help="also write every number to this file")
   p.add_argument("--model", type=model_overrides, default={},
@@ -116,6 +122,11 @@ def main(argv=None):
     results["data"] = data.run(num_records=args.data_records, rounds=args.rounds)
     print(data.format_table(results["data"], f"\ninput pipeline ({args.data_records} records "
                                              "at 256 px, crops to 224 px)"))
+  if "build" in args.suites:
+    results["build"] = build.run(pairs=args.build_pairs, workers=args.build_workers,
+                                 scales=tuple(int(s) for s in args.build_scales.split(",")))
+    print(build.format_table(results["build"], f"\nwebdataset build ({results['build']['workers']}"
+                                               " workers, 384 px JPEGs stored at 256 px)"))
   if args.profile:
     print(f"\nprofile of three order-3 steps: {args.profile} (docs/performance.md)")
   print(f"\ntotal {time.time() - started:.0f} s")

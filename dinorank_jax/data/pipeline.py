@@ -62,18 +62,22 @@ SKIPPED = "skipped"
 
 class RecordSource:
   """The usable shards' records, read one at a time: element `i` is `(i,
-  bytes)`, or `(i, "why")` when the bytes cannot be read (a damaged chunk)."""
+  [bytes, …])` (the record, then its images' record when the dataset joins an
+  image dataset), or `(i, "why")` when the bytes cannot be read (a damaged
+  chunk)."""
 
   def __init__(self, shards: records.Shards):
     self.shards = shards
-    self._source = grain.sources.ArrayRecordDataSource(shards.paths)
+    self._sources = [grain.sources.ArrayRecordDataSource(shards.paths)]
+    if shards.images:
+      self._sources.append(grain.sources.ArrayRecordDataSource(shards.image_paths))
 
   def __len__(self) -> int:
-    return len(self._source)
+    return len(self._sources[0])
 
   def __getitem__(self, index: int):
     try:
-      return index, self._source[index]
+      return index, [source[index] for source in self._sources]
     except Exception as e:  # Riegeli raises RuntimeError with the damage in the text
       return index, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
 
@@ -108,9 +112,11 @@ class Decode(grain.transforms.Map):
     if isinstance(data, str):
       return _skip("unreadable", where, data)
     try:
-      record = records.decode_record(data)
+      record = records.decode_joined(data)
     except Exception as e:  # msgpack raises many types for bad bytes
       return _skip("corrupt", where, f"not a record ({type(e).__name__})")
+    if isinstance(record, str):
+      return _skip("invalid", where, record)
     bad = (records.check_record(record, self.shards.meta, syn_captions=self.syn_captions)
            if self.shards else None)
     if bad:

@@ -2,7 +2,8 @@
 
 For each of the train and held-out paths: `dinorank_jax.data.build
 --source synthetic` into `<path>-raw` (different corpus seeds), then the
-teacher export with the tiny untrained teacher into `<path>`. The export
+teacher export with the tiny untrained teacher into `<path>`, which holds
+the teacher's features and reads the images from `<path>-raw`. The export
 runs as its own process (`python -m dinorank_jax.teacher.export`), as on a
 cluster: torch never enters the training process. Both steps skip finished
 shards, so an interrupted preparation resumes.

@@ -16,11 +16,18 @@ it (no TensorFlow). Fields:
     teacher_text_mask     bool [T]
     teacher_text_pooled   float16 [c]
 
-(the teacher fields are added by `dinorank_jax.teacher.export`). A dataset
-is a directory of `shard-NNNNN.array_record` files, each with a
+A dataset is a directory of `shard-NNNNN.array_record` files, each with a
 `shard-NNNNN.json` sidecar (counts, skipped keys), and a `metadata.json`.
 Shards are written to a temporary name and renamed when complete, so a
 re-run skips finished shards and never reads a partial one.
+
+The teacher fields live in a dataset of their own, written by
+`dinorank_jax.teacher.export`: its records hold `key` and the teacher fields
+only, in shards aligned one to one with the image dataset's, which its
+`metadata.json` names (`images`, a path relative to it) together with that
+dataset's `build.json` (`images_build`). Readers join the two by index, so
+every image is stored once; a join whose keys, shard counts or build
+arguments disagree is refused or skipped, never trained on.
 
 Readers check every record against `metadata.json` (`check_record`: field
 presence, dtypes, shapes, the teacher grid, the token range, a non-empty
@@ -71,6 +78,22 @@ def _expected_fields(meta: dict, syn_captions: bool) -> dict:
   return fields
 
 
+def decode_joined(parts: list[bytes]):
+  """The record `pipeline.RecordSource` read as `parts` (the record, then its
+  image record for a teacher-feature dataset), decoded and joined; a string
+  saying why when the two do not belong together. Bad bytes raise."""
+  if len(parts) == 1:
+    return decode_record(parts[0])
+  features, images = map(decode_record, parts)
+  if not (isinstance(features, dict) and isinstance(images, dict)):
+    return "not a record"
+  if features.get("key") != images.get("key"):
+    return (f"teacher features of key {features.get('key')!r} sit beside the image record of "
+            f"key {images.get('key')!r}: the two datasets are out of step (rerun the teacher "
+            "export with --overwrite)")
+  return {**images, **features}
+
+
 def check_record(record, meta: dict, *, syn_captions: bool = False) -> tuple[str, str] | None:
   """`(reason, detail)` when the decoded `record` does not fit `meta`, else None.
 
@@ -117,17 +140,23 @@ class Shards:
   def __init__(self, directory: str, meta: dict | None = None):
     self.directory = directory
     self.meta = read_metadata(directory) if meta is None else meta
-    self.paths, self.counts, self.unusable, self.lost = [], [], [], 0
+    self.images = images_directory(directory, self.meta)   # None: the records hold the images
+    self.paths, self.image_paths, self.counts, self.unusable, self.lost = [], [], [], [], 0
     for shard in self.meta["shards"]:
       path = os.path.join(directory, shard["file"])
-      found = _record_count(path)
-      if found == shard["count"]:
-        self.paths.append(path)
-        self.counts.append(shard["count"])
-      else:
-        why = "missing" if found is None else f"{found} readable records of {shard['count']}"
-        self.unusable.append(f"{shard['file']} ({why})")
+      image_path = os.path.join(self.images, shard["file"]) if self.images else None
+      problems = [_count_problem(path, shard["count"])]
+      if image_path:
+        problem = _count_problem(image_path, shard["count"])
+        problems.append(problem and f"its images in {self.images}: {problem}")
+      problems = [p for p in problems if p]
+      if problems:
+        self.unusable.append(f"{shard['file']} ({'; '.join(problems)})")
         self.lost += shard["count"]
+      else:
+        self.paths.append(path)
+        self.image_paths.append(image_path)
+        self.counts.append(shard["count"])
     self.starts = np.cumsum([0] + self.counts[:-1]).tolist()
 
   @property
@@ -140,16 +169,48 @@ class Shards:
     return f"{os.path.basename(self.paths[shard])} #{index - self.starts[shard]}"
 
 
-def _record_count(path: str) -> int | None:
+def _count_problem(path: str, count: int) -> str | None:
+  """Why the shard at `path` cannot serve its `count` records, or None."""
   if not os.path.exists(path):
-    return None
+    return "missing"
   try:
     reader = ArrayRecordReader(path)
-    count = reader.num_records()
+    found = reader.num_records()
     reader.close()       # reports the damage of a truncated file, if the rest did not
   except Exception:  # Riegeli raises RuntimeError for a damaged footer or index
-    return 0
-  return count
+    found = 0
+  return None if found == count else f"{found} readable records of {count}"
+
+
+def read_build(directory: str) -> dict | None:
+  """The arguments a builder recorded in `directory` (`build.json`), if any."""
+  try:
+    with open(os.path.join(directory, BUILD_FILE)) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+
+
+def images_directory(directory: str, meta: dict) -> str | None:
+  """The image dataset a teacher-feature dataset joins (its `images`), checked
+  to be the build the features were exported from; None for a dataset whose
+  records hold their images."""
+  if not meta.get("images"):
+    return None
+  images = os.path.normpath(os.path.join(directory, meta["images"]))
+  try:
+    image_meta, build = read_metadata(images), read_build(images)
+  except (OSError, ValueError):
+    raise DataError(f"{directory} holds teacher features of the images in {images}, which is "
+                    f"missing or unreadable: keep the two directories side by side (the path "
+                    f"is '{meta['images']}' in {METADATA}), or rerun the teacher export") from None
+  if build != meta.get("images_build") or [
+      (s["file"], s["count"]) for s in image_meta["shards"]] != [
+      (s["file"], s["count"]) for s in meta["shards"]]:
+    raise DataError(f"{images} was rebuilt after the teacher features in {directory} were "
+                    "exported from it: rerun python -m dinorank_jax.teacher.export with "
+                    "--overwrite")
+  return images
 
 
 def _pack(value):

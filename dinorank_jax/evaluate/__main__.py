@@ -42,7 +42,7 @@ def main(argv=None):
                               description=__doc__.split("\n")[0])
   p.add_argument("--model", help="export directories (python -m dinorank_jax.export), comma-separated")
   p.add_argument("--suite", default="synthetic",
-                 help=f"comma-separated: {', '.join(suites.NAMED)}, records:DIR, folder:DIR, probe:NAME")
+                 help=f"comma-separated: {', '.join(suites.NAMED)}, records:DIR, folder:DIR, wds:DIR, probe:NAME")
   p.add_argument("--data_dir", default="data", help="where datasets are looked for")
   p.add_argument("--out", required=True, help="report directory to write")
   p.add_argument("--compare", nargs="+", metavar="REPORT", help="earlier report directories")

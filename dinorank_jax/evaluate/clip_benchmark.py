@@ -46,13 +46,21 @@ def records(results: dict) -> list[dict]:
         if renamed is None:
           continue
         task, part, name = renamed
-        dataset = suite if not part or part == "label" else f"{suite}/{part}"
+        dataset = _dataset_name(suite)
+        dataset = dataset if not part or part == "label" else f"{dataset}/{part}"
         key = (model, dataset, task)
         record = out.setdefault(key, {"dataset": dataset, "model": model,
                                       "pretrained": entry["path"], "task": task,
                                       "metrics": {}, "language": "en"})
         record["metrics"][name] = value
   return list(out.values())
+
+
+def _dataset_name(suite: str) -> str:
+  """CLIP_benchmark names its webdatasets `wds/<name>`; ours are `wds:DIR`."""
+  if suite.startswith("wds:"):
+    return "wds/" + os.path.basename(os.path.normpath(suite[len("wds:"):]))
+  return suite
 
 
 def write(results: dict, out: str) -> list[str]:

@@ -65,7 +65,7 @@ def _split_loader(directory: str, image_size: int, tasks):
       valid.append(ok)
       images.append(example["image"] if ok else np.zeros((image_size, image_size, 3), np.uint8))
       tokens.append(example["tokens"] if ok else np.zeros(CONTEXT_LENGTH, np.int32))
-      record_labels = records.decode_record(read[1]).get("labels", {}) if ok else {}
+      record_labels = records.decode_joined(read[1]).get("labels", {}) if ok else {}
       for t in tasks:
         labels[t].append(record_labels.get(t, -1))
     return {"image": np.stack(images), "tokens": np.stack(tokens), "valid": np.asarray(valid),

@@ -10,7 +10,7 @@ releases the GIL) and returns
     captions  [[str, ...], ...]         (captioned sources; one list per image)
     teacher_patches, crop, flip         (our records with teacher features)
 
-Three kinds:
+Four kinds:
 
 * our records (`records_split`): a directory written by
   `dinorank_jax.data.build`; zero-shot tasks from its metadata, the raw
@@ -19,17 +19,28 @@ Three kinds:
   order, named by their directory with `_` read as a space;
 * prepared tensorflow-datasets (`tfds_split`): `DATA_DIR/<name>[/<config>]/
   <version>/` in the array_record file format, read through
-  `tfds.builder_from_directory(...).as_data_source` — no TensorFlow, and no
-  dataset code or download. Label names go through `prompts.class_names`
-  (ImageNet WordNet ids become CLIP's class names); `captions/text`
-  (coco_captions) gives captions.
+  `tfds.builder_from_directory(...).as_data_source`, or in the tfrecord
+  format, indexed once and read at the record offsets (`TFRecordSource`) —
+  no TensorFlow either way, and no dataset code or download; each example is
+  deserialised by the dataset's own features. Label names go through
+  `prompts.class_names` (ImageNet WordNet ids become CLIP's class names);
+  `captions/text` (coco_captions) gives captions;
+* CLIP_benchmark's webdataset datasets (`wds_split`): `ROOT/<split>/
+  {0..n-1}.tar` with `ROOT/<split>/nshards.txt`, `ROOT/classnames.txt`,
+  optionally `ROOT/zeroshot_classification_templates.txt` and
+  `ROOT/dataset_type.txt` (`retrieval`: captions, one per line, in `.txt`;
+  otherwise the class index in `.cls`), images in `.webp`, `.png` or `.jpg`,
+  as `clip_benchmark_export_wds` writes them and the `wds_*` datasets ship.
 
 A source that is not there raises `NotFound` naming the path it looked at.
 """
 
 import concurrent.futures
 import dataclasses
+import io
 import os
+import struct
+import tarfile
 from collections.abc import Callable
 
 import numpy as np
@@ -57,6 +68,7 @@ class Split:
   size: int
   example: Callable[[int, int], dict]
   tasks: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  templates: list[str] | None = None      # the dataset's own zero-shot prompt templates
 
   def read(self, indices, side: int) -> dict:
     with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
@@ -104,7 +116,7 @@ def records_split(directory: str) -> Split:
     decoded = Decode(side, augment=False, shards=shards).map((i, read))
     if "_skip" in decoded:
       return {}
-    record = records.decode_record(read[1])
+    record = records.decode_joined(read[1])
     out = {"image": decoded["image"], "crop": decoded["crop"], "flip": decoded["flip"],
            "labels": {t: record.get("labels", {}).get(t, -1) for t in tasks},
            "captions": [record[k] for k in ("caption", "syn_caption") if k in record]}
@@ -153,11 +165,14 @@ def tfds_split(data_dir: str, name: str, split: str) -> Split:
   builder = tfds.builder_from_directory(path)
   if split not in builder.info.splits:
     raise NotFound(f"{path} (no split {split!r}; it has {sorted(builder.info.splits)})")
-  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-    raise NotFound(f"{path} (prepared as {builder.info.file_format.value}: prepare it again "
-                   "with file_format='array_record', read without TensorFlow)")
-  source = builder.as_data_source(split=split)
   features = builder.info.features
+  if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+    source = builder.as_data_source(split=split)
+  elif builder.info.file_format == tfds.core.FileFormat.TFRECORD:
+    source = TFRecordSource(builder.info.splits[split].filepaths, features)
+  else:
+    raise NotFound(f"{path} (prepared as {builder.info.file_format.value}: prepare it again "
+                   "with file_format='array_record' or 'tfrecord')")
   tasks = {"label": class_names(features["label"].names)} if "label" in features else {}
 
   def example(i, side):
@@ -173,3 +188,94 @@ def tfds_split(data_dir: str, name: str, split: str) -> Split:
     return out
 
   return Split(f"tfds {name}:{split} at {path}", len(source), example, tasks)
+
+
+class TFRecordSource:
+  """Random access to TFRecord files without TensorFlow. Each record is a
+  little-endian uint64 length, its 4-byte CRC, the bytes and their 4-byte
+  CRC; the files are indexed once (offsets only, nothing decoded), and item
+  `i` is record `i` deserialised by `features.deserialize_example_np`. The
+  CRCs are not checked: a damaged record fails to deserialise and is
+  skipped and counted like any undecodable example."""
+
+  def __init__(self, paths, features):
+    self.features, self.index = features, []
+    for path in map(str, paths):
+      size = os.path.getsize(path)
+      with open(path, "rb") as f:
+        offset = 0
+        while offset + 12 <= size:
+          f.seek(offset)
+          (length,) = struct.unpack("<Q", f.read(8))
+          self.index.append((path, offset + 12, length))
+          offset += 12 + length + 4
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __getitem__(self, i: int) -> dict:
+    path, start, length = self.index[i]
+    with open(path, "rb") as f:
+      f.seek(start)
+      return self.features.deserialize_example_np(f.read(length))
+
+
+WDS_IMAGES = ("webp", "png", "jpg", "jpeg")
+
+
+def _read_text(path: str) -> str | None:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except FileNotFoundError:
+    return None
+
+
+def wds_split(root: str, split: str = "test") -> Split:
+  """A CLIP_benchmark webdataset directory (module docstring): the tars are
+  indexed once (member offsets), and each example reads its own bytes."""
+  shards = _read_text(os.path.join(root, split, "nshards.txt"))
+  if shards is None:
+    raise NotFound(f"{root}/{split}/nshards.txt (a CLIP_benchmark webdataset)")
+  retrieval = (_read_text(os.path.join(root, "dataset_type.txt")) or "").strip() == "retrieval"
+  samples = {}                          # key -> {extension: (tar, offset, size)}
+  for n in range(int(shards)):
+    tar_path = os.path.join(root, split, f"{n}.tar")
+    if not os.path.isfile(tar_path):
+      raise NotFound(f"{tar_path} (shard {n} of the {shards.strip()} in nshards.txt)")
+    with tarfile.open(tar_path) as tar:
+      for member in tar:
+        if member.isfile():
+          key, _, ext = os.path.basename(member.name).partition(".")
+          samples.setdefault((tar_path, key), {})[ext.lower()] = (
+              tar_path, member.offset_data, member.size)
+  items = [s for s in samples.values() if any(e in s for e in WDS_IMAGES)]
+  classes = (_read_text(os.path.join(root, "classnames.txt")) or "").splitlines()
+  templates = _read_text(os.path.join(root, "zeroshot_classification_templates.txt"))
+  if not retrieval and not classes:
+    raise NotFound(f"{root}/classnames.txt (a classification webdataset needs its class names)")
+
+  def member(where) -> bytes:
+    path, offset, size = where
+    with open(path, "rb") as f:
+      f.seek(offset)
+      return f.read(size)
+
+  def example(i, side):
+    item = items[i]
+    try:
+      image = member(next(item[e] for e in WDS_IMAGES if e in item))
+      with Image.open(io.BytesIO(image)) as opened:
+        out = {"image": square(opened, side)}
+      if retrieval:
+        out["captions"] = member(item["txt"]).decode("utf-8").splitlines()
+      else:
+        out["labels"] = {"label": int(member(item["cls"]))}
+    except Exception:  # an undecodable example is skipped and counted, never fatal
+      return {}
+    return out
+
+  return Split(f"webdataset {root} ({split})", len(items), example,
+               {} if retrieval else {"label": [c.strip() for c in classes]},
+               [t.strip().replace("{c}", "{}") for t in templates.splitlines() if t.strip()]
+               if templates else None)

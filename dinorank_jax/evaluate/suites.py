@@ -18,20 +18,26 @@ name (`sources.tfds_split`), then as an image folder (`sources.folder_split`).
                                         and distillation fidelity
     records:DIR                         the same on any records directory, without probes
     folder:DIR                          zero-shot on any image folder `DIR/<class>/…`
+    wds:DIR                             a CLIP_benchmark webdataset's test split:
+                                        zero-shot (its own templates when it has
+                                        them) or, for a retrieval set, R@1/5/10
     probe:NAME                          a linear probe on any dataset under DATA_DIR
     table1, table2, table3, all         groups of the above
 """
 
 import dataclasses
 import os
+import sys
 
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from dinorank_jax.losses.distill import align_teacher_grid
 from dinorank_jax.evaluate import metrics, probe
 from dinorank_jax.evaluate.prompts import SYNTHETIC_TEMPLATES, class_embeddings, imagenet_templates
-from dinorank_jax.evaluate.sources import NotFound, folder_split, records_split, tfds_split
+from dinorank_jax.evaluate.sources import (NotFound, folder_split, records_split, tfds_split,
+                                           wds_split)
 
 PROBE_LIMIT = 50_000          # training examples a probe embeds at most
 VAL_FRACTION = 0.2            # of the training split, when a dataset has no validation split
@@ -97,12 +103,12 @@ GROUPS["all"] = ("imagenet", "coco", "gap", *GROUPS["table2"],
 
 
 NAMED = (*ZERO_SHOT, "coco", "gap", "synthetic", *GROUPS)
-PREFIXES = ("records:", "folder:", "probe:")
+PREFIXES = ("records:", "folder:", "probe:", "wds:")
 
 
 def _unknown(name: str) -> ValueError:
   return ValueError(f"unknown suite {name!r}: pick from {', '.join(NAMED)}, records:DIR, "
-                    "folder:DIR or probe:NAME")
+                    "folder:DIR, wds:DIR or probe:NAME")
 
 
 def expand(names: list[str]) -> list[str]:
@@ -139,7 +145,8 @@ def embed_split(model, split, *, limit: int | None = None, fidelity: bool = Fals
   first `limit` examples; undecodable ones are dropped and counted in `skipped`."""
   n = split.size if limit is None else min(split.size, limit)
   parts, skipped = [], 0
-  for start in range(0, n, batch_size):
+  for start in tqdm(range(0, n, batch_size), desc=split.name, unit="batch", file=sys.stderr,
+                    leave=False):
     batch = split.read(np.arange(start, min(start + batch_size, n)), model.image_size)
     valid = batch["valid"]
     if not valid.any():
@@ -162,7 +169,8 @@ def embed_split(model, split, *, limit: int | None = None, fidelity: bool = Fals
     raise NotFound(f"{split.name}: no decodable example among the first {n}")
   out = {"image": np.concatenate([p["image"] for p in parts]),
          "labels": {t: np.concatenate([p["labels"][t] for p in parts]) for t in parts[0]["labels"]},
-         "skipped": skipped, "source": split.name, "tasks": split.tasks}
+         "skipped": skipped, "source": split.name, "tasks": split.tasks,
+         "templates": split.templates}
   if "captions" in parts[0]:
     out["captions"] = [c for p in parts for c in p["captions"]]
   if "student" in parts[0]:
@@ -280,6 +288,12 @@ def run(name: str, model, data_dir: str, *, batch_size: int = 256,
     if name.startswith("folder:"):
       embedded = embed_split(model, folder_split(name[len("folder:"):]), batch_size=batch_size)
       return _ok(embedded, _prefixed("zero_shot", zero_shot(model, embedded, imagenet_templates())))
+    if name.startswith("wds:"):
+      embedded = embed_split(model, wds_split(name[len("wds:"):]), batch_size=batch_size)
+      if "captions" in embedded:
+        return _ok(embedded, _prefixed("retrieval", retrieval(model, embedded)))
+      templates = embedded["templates"] or imagenet_templates()
+      return _ok(embedded, _prefixed("zero_shot", zero_shot(model, embedded, templates)))
     if name == "coco":
       embedded = embed_split(model, find(COCO, data_dir, "test"), batch_size=batch_size)
       return _ok(embedded, _prefixed("retrieval", retrieval(model, embedded)))

