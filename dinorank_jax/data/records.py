@@ -183,11 +183,12 @@ def _count_problem(path: str, count: int) -> str | None:
 
 
 def read_build(directory: str) -> dict | None:
-  """The arguments a builder recorded in `directory` (`build.json`), if any."""
+  """The arguments a builder recorded in `directory` (`build.json`); None
+  when there is none or it does not parse."""
   try:
     with open(os.path.join(directory, BUILD_FILE)) as f:
       return json.load(f)
-  except FileNotFoundError:
+  except (FileNotFoundError, ValueError):
     return None
 
 
@@ -294,11 +295,7 @@ def claim_directory(directory: str, arguments: dict, overwrite: bool) -> None:
   that differ, so shards of two different builds never mix."""
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, BUILD_FILE)
-  try:
-    with open(path) as f:
-      recorded = json.load(f)
-  except (FileNotFoundError, ValueError):
-    recorded = None
+  recorded = read_build(directory)
   existing = [n for n in os.listdir(directory) if _dataset_file(n) and n != BUILD_FILE]
   if recorded == arguments or not existing:
     write_json(path, arguments)
