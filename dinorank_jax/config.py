@@ -54,6 +54,7 @@ def paper(*, order: int = 3, epochs: int = 64, students: str = "both",
   c.model.dtype = "bfloat16"                # compute dtype; parameters stay float32
   c.model.scan = True                       # each stack of blocks is one nn.scan
   c.model.remat = "none"                    # none | dots | full (docs/performance.md)
+  c.model.arch = "dinorank"                 # dinorank | openai | open_clip: how the trunks are built
 
   c.objective = ConfigDict()                # step.Objective
   c.objective.rank_max = 0.125

@@ -41,7 +41,7 @@ from dinorank_jax.evaluate.metrics import InvalidEmbeddings
 from dinorank_jax.losses.distill import CRITERIA, PROJECTED
 from dinorank_jax.metric_writer import MetricWriter
 from dinorank_jax.models import DinoRankCLIP, from_config
-from dinorank_jax.models.dinorankclip import STUDENT_MODES
+from dinorank_jax.models.dinorankclip import ARCHS, STUDENT_MODES
 from dinorank_jax.models.fusion import FUSION_MODES
 from dinorank_jax.models.layers import REMAT_POLICIES
 from dinorank_jax.models.summary import parameter_overview
@@ -117,6 +117,7 @@ def validate(config) -> None:
   _choice(config, "model.students", STUDENT_MODES)
   _choice(config, "model.fusion_mode", FUSION_MODES)
   _choice(config, "model.remat", REMAT_POLICIES)
+  _choice(config, "model.arch", ARCHS)
   _choice(config, "model.dtype", ("float32", "bfloat16"))
   _choice(config, "objective.rank_schedule", optim.RANK_SCHEDULES)
   _choice(config, "objective.rank_scope", ("global", "local"))

@@ -33,6 +33,9 @@ FIXED_ON_RESUME = ("model", "seed", "batch_size", "data.path", "data.num_records
 # Model fields that decide how a run compiles, not its parameters or batches
 # (a layout change the checkpoint cannot hold is refused by `checkpoint`).
 FREE_ON_RESUME = ("model.scan", "model.remat", "model.rank_chunk_size")
+# Fields added after runs were stored, with the value that reproduces what
+# those runs did: a stored config without one had that value.
+ADDED_FIELDS = {"model.arch": "dinorank"}
 
 
 class WorkdirBusy(UserError):
@@ -131,6 +134,7 @@ def config_changes(stored: dict, config: dict, *, allow: bool = False) -> list[s
   `name: old -> new`. Raises `ChangedConfig` when one of them is in
   `FIXED_ON_RESUME` and not `allow`."""
   old, new = _flatten(stored), _flatten(config)
+  old |= {k: v for k, v in ADDED_FIELDS.items() if k in new and k not in old}
   changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
   fixed = [k for k in changed if k not in FREE_ON_RESUME
            and any(k == f or k.startswith(f + ".") for f in FIXED_ON_RESUME)]

@@ -138,6 +138,17 @@ def test_resume_falls_back_refuses_changed_fields_and_keeps_every_config(tmp_pat
   assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["16", "18", "8"]
 
 
+def test_a_run_stored_before_a_model_field_existed_resumes_as_it_was_trained():
+  config = json.loads(tiny_config("/data").to_json_best_effort())
+  stored = json.loads(json.dumps(config))
+  del stored["model"]["arch"]                  # written before config.model.arch existed
+  assert workdir_lib.config_changes(stored, config) == []
+  config["model"]["arch"] = "openai"
+  with pytest.raises(workdir_lib.ChangedConfig, match=r"config.model.arch: 'dinorank' -> "
+                     r"'openai'"):
+    workdir_lib.config_changes(stored, config)
+
+
 # Bad data: skipped, counted and named.
 
 def _damage(directory: str) -> dict[str, int]:

@@ -1,9 +1,10 @@
 """The networks of method §4, §5, §7 as flax.linen modules, and the rank heads."""
 
-from dinorank_jax.models.dinorankclip import CONFIG_FIELDS, DinoRankCLIP, from_config, list_heads
+from dinorank_jax.models.dinorankclip import (ARCHS, CONFIG_FIELDS, DinoRankCLIP, from_config,
+                                              list_heads)
 from dinorank_jax.models.fusion import FUSION_MODES, Fusion
 from dinorank_jax.models.text import TextStudent, TextTransformer
 from dinorank_jax.models.vit import ViT
 
-__all__ = ["CONFIG_FIELDS", "DinoRankCLIP", "FUSION_MODES", "Fusion", "TextStudent",
+__all__ = ["ARCHS", "CONFIG_FIELDS", "DinoRankCLIP", "FUSION_MODES", "Fusion", "TextStudent",
            "TextTransformer", "ViT", "from_config", "list_heads"]

@@ -28,12 +28,22 @@ from dinorank_jax.models.text import EOT_ID, VOCAB_SIZE, TextStudent, TextTransf
 from dinorank_jax.models.vit import ViT
 
 STUDENT_MODES = ("none", "image", "both")
+# How the two trunks are built (`arch`): ours, or as CLIP's published weights
+# expect them (`dinorank_jax.convert` loads those): a LayerNorm before the
+# image encoder, a patch embedding without bias, torch's LayerNorm epsilon,
+# and OpenAI's quick GELU or open_clip's exact one (its LAION models). The
+# students always use ours.
+ARCHS = {
+    "dinorank": {},
+    "openai": {"ln_pre": True, "patch_bias": False, "activation": "quick_gelu", "ln_eps": 1e-5},
+    "open_clip": {"ln_pre": True, "patch_bias": False, "activation": "gelu", "ln_eps": 1e-5},
+}
 # The fields of `config.model` that are `DinoRankCLIP`'s constructor
 # arguments: the trainer builds its model from them, an export stores them in
 # `model_config.json`, and the loader rebuilds the model from that file.
 CONFIG_FIELDS = ("embed_dim", "image_trunk", "text_trunk", "image_student", "text_student",
                  "students", "fusion_mode", "rank_order", "rank_head_dim", "rank_chunk_size",
-                 "scan", "remat", "dtype")
+                 "scan", "remat", "dtype", "arch")
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -74,6 +84,7 @@ class DinoRankCLIP(nn.Module):
     scan: every tower and student runs its blocks as one `nn.scan` with
       stacked parameters (False: unrolled; `layers.stack_layers` converts).
     remat: recomputation inside each block, a key of `layers.REMAT_POLICIES`.
+    arch: how the trunks are built, a key of `ARCHS`.
   """
   embed_dim: int = 512
   image_trunk: str = "B/32"
@@ -92,6 +103,7 @@ class DinoRankCLIP(nn.Module):
   eot_id: int = EOT_ID
   scan: bool = True
   remat: str = "none"
+  arch: str = "dinorank"
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
 
@@ -99,11 +111,16 @@ class DinoRankCLIP(nn.Module):
     if self.students not in STUDENT_MODES:
       raise ValueError(f"students must be one of {STUDENT_MODES} (config.model.students), "
                        f"got {self.students!r}")
+    if self.arch not in ARCHS:
+      raise ValueError(f"arch must be one of {tuple(ARCHS)} (config.model.arch), "
+                       f"got {self.arch!r}")
+    trunk = ARCHS[self.arch]
+    text_trunk = {k: v for k, v in trunk.items() if k in ("activation", "ln_eps")}
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     stack_kw = dict(scan=self.scan, remat=self.remat, **kw)
     text_kw = dict(vocab_size=self.vocab_size, eot_id=self.eot_id, **stack_kw)
-    self.image_tower = ViT(self.image_trunk, self.embed_dim, **stack_kw)
-    self.text_tower = TextTransformer(self.text_trunk, self.embed_dim, **text_kw)
+    self.image_tower = ViT(self.image_trunk, self.embed_dim, **trunk, **stack_kw)
+    self.text_tower = TextTransformer(self.text_trunk, self.embed_dim, **text_trunk, **text_kw)
     if self.students != "none":
       self.image_student_net = ViT(self.image_student, None, **stack_kw)
       self.image_fusion = Fusion(self.fusion_mode, **kw)

@@ -9,11 +9,21 @@ small whatever the depth. `scan=False` unrolls the same block as
 `remat` trades memory for recomputation inside each block (`REMAT_POLICIES`).
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+# The MLP's activation: flax's tanh approximation of GELU (ours), the exact
+# GELU (open_clip's LAION models) and OpenAI CLIP's x·σ(1.702 x).
+ACTIVATIONS = {
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+}
+DEFAULT_LN_EPS = 1e-6        # flax's; CLIP's checkpoints were trained with torch's 1e-5
 
 # What each block keeps for the backward pass: "none" everything (no
 # recomputation), "dots" the weight matmuls' outputs (attention scores and
@@ -26,16 +36,20 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-  """`x + Attn(LN(x))`, then `x + MLP(LN(x))` (GELU, `mlp_ratio`× wide).
+  """`x + Attn(LN(x))`, then `x + MLP(LN(x))` (`mlp_ratio`× wide).
 
   The residual stream keeps the dtype of `x` (the towers give it `dtype`).
 
   Attributes:
     num_heads: attention heads.
     mlp_ratio: hidden width of the MLP over the model width.
+    activation: a key of `ACTIVATIONS`.
+    ln_eps: the LayerNorms' epsilon.
   """
   num_heads: int
   mlp_ratio: int = 4
+  activation: str = "gelu_tanh"
+  ln_eps: float = DEFAULT_LN_EPS
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
 
@@ -43,7 +57,7 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """`x`: `[B, n, d]`; `mask`: bool `[B, 1, n, n]` (True = may attend)."""
     width = x.shape[-1]
-    norm = lambda: nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = lambda: nn.LayerNorm(self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype)
     y = norm()(x)
     y = nn.MultiHeadDotProductAttention(
         self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -51,7 +65,8 @@ class Block(nn.Module):
     x = x + y
     y = norm()(x)
     y = nn.Dense(self.mlp_ratio * width, dtype=self.dtype, param_dtype=self.param_dtype)(y)
-    y = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype)(nn.gelu(y))
+    y = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype)(
+        ACTIVATIONS[self.activation](y))
     return x + y
 
 
@@ -66,12 +81,15 @@ class Encoder(nn.Module):
     scan: one scanned block with stacked parameters (True) or `depth`
       unrolled ones.
     remat: a key of `REMAT_POLICIES`.
+    activation, ln_eps: as in `Block` (also the final LayerNorm's epsilon).
   """
   depth: int
   num_heads: int
   mlp_ratio: int = 4
   scan: bool = True
   remat: str = "none"
+  activation: str = "gelu_tanh"
+  ln_eps: float = DEFAULT_LN_EPS
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
 
@@ -85,8 +103,8 @@ class Encoder(nn.Module):
       # Under scan the loop already keeps XLA from merging the recomputation
       # into the forward pass, so CSE prevention is only needed unrolled.
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
-    kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
-              param_dtype=self.param_dtype)
+    kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation,
+              ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype)
     if self.scan:
       stack = nn.scan(_scan_step, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=nn.broadcast, length=self.depth)
@@ -94,7 +112,8 @@ class Encoder(nn.Module):
     else:
       for i in range(self.depth):
         x = block(**kw, name=f"block_{i}")(x, mask)
-    return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+    return nn.LayerNorm(self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="norm")(x)
 
 
 def stack_layers(params: dict) -> dict:

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dinorank_jax.models.layers import Encoder
+from dinorank_jax.models.layers import DEFAULT_LN_EPS, Encoder
 
 # name: (width, depth, heads); "B" is CLIP's text trunk, "Ti" the student.
 TEXT_SIZES = {"tiny": (32, 2, 2), "Ti": (192, 12, 3), "B": (512, 12, 8)}
@@ -60,13 +60,16 @@ class _TokenEmbedding(nn.Module):
 class TextTransformer(nn.Module):
   """Tokens `[B, L]` -> `embedding` `[B, D]` and `tokens` `[B, L, w]`.
 
-  `scan`, `remat`: how the encoder stacks its blocks (`layers.Encoder`)."""
+  `scan`, `remat`: how the encoder stacks its blocks (`layers.Encoder`);
+  `activation`, `ln_eps`: the blocks' (`layers.Block`)."""
   variant: str = "B"
   embed_dim: int = 512
   vocab_size: int = VOCAB_SIZE
   eot_id: int = EOT_ID
   scan: bool = True
   remat: str = "none"
+  activation: str = "gelu_tanh"
+  ln_eps: float = DEFAULT_LN_EPS
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
 
@@ -75,8 +78,9 @@ class TextTransformer(nn.Module):
     width, depth, heads = text_size(self.variant)
     x = _TokenEmbedding(self.vocab_size, width, self.dtype, self.param_dtype,
                         name="embed")(tokens)
-    x = Encoder(depth, heads, scan=self.scan, remat=self.remat, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="encoder")(x, nn.make_causal_mask(tokens))
+    x = Encoder(depth, heads, scan=self.scan, remat=self.remat, activation=self.activation,
+                ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                name="encoder")(x, nn.make_causal_mask(tokens))
     pooled = jnp.take_along_axis(x, eot_index(tokens, self.eot_id)[:, None, None], axis=1)[:, 0]
     embedding = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="projection")(pooled)

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dinorank_jax.models.layers import Encoder
+from dinorank_jax.models.layers import DEFAULT_LN_EPS, Encoder
 
 # CLIP's image normalisation, the towers' input convention.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -50,11 +50,18 @@ class ViT(nn.Module):
     embed_dim: width of the projected class-token embedding (no bias, as in
       CLIP); None for the students, which return tokens only.
     scan, remat: how the encoder stacks its blocks (`layers.Encoder`).
+    ln_pre: a LayerNorm between the embeddings and the encoder (CLIP's).
+    patch_bias: the patch embedding has a bias (CLIP's has none).
+    activation, ln_eps: the blocks' (`layers.Block`).
   """
   variant: str
   embed_dim: int | None = None
   scan: bool = True
   remat: str = "none"
+  ln_pre: bool = False
+  patch_bias: bool = True
+  activation: str = "gelu_tanh"
+  ln_eps: float = DEFAULT_LN_EPS
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
 
@@ -64,7 +71,8 @@ class ViT(nn.Module):
     and, with `embed_dim`, `embedding` `[B, embed_dim]`."""
     width, depth, heads, patch = vit_size(self.variant)
     x = nn.Conv(width, (patch, patch), strides=(patch, patch), padding="VALID",
-                dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(images)
+                use_bias=self.patch_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                name="patch_embed")(images)
     b = x.shape[0]
     x = x.reshape(b, -1, width)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, width), self.param_dtype)
@@ -72,8 +80,12 @@ class ViT(nn.Module):
     pos = self.param("pos_embedding", nn.initializers.normal(0.02), x.shape[1:],
                      self.param_dtype)
     x = x + pos.astype(x.dtype)       # a float32 add would lift the whole stream to float32
-    x = Encoder(depth, heads, scan=self.scan, remat=self.remat, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="encoder")(x)
+    if self.ln_pre:
+      x = nn.LayerNorm(self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="ln_pre")(x)
+    x = Encoder(depth, heads, scan=self.scan, remat=self.remat, activation=self.activation,
+                ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                name="encoder")(x)
     out = {"cls": x[:, 0], "tokens": x[:, 1:]}
     if self.embed_dim is not None:
       out["embedding"] = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
