@@ -68,8 +68,7 @@ def _encoder(state: Mapping, prefix: str, width: int, depth: int, heads: int) ->
         "kernel": at("self_attn.out_proj.weight", (width, width)).T.reshape(
             heads, head_dim, width),
         "bias": at("self_attn.out_proj.bias", (width,))}
-    norm = lambda name: {"scale": at(f"{name}.weight", (width,)),
-                         "bias": at(f"{name}.bias", (width,))}
+    norm = lambda name: _norm(state, f"{prefix}.layers.{i}.{name}", width)
     return {"MultiHeadDotProductAttention_0": attention,
             "LayerNorm_0": norm("layer_norm1"), "LayerNorm_1": norm("layer_norm2"),
             "Dense_0": {"kernel": at("mlp.fc1.weight", (mlp, width)).T,

@@ -3,7 +3,7 @@
     python -m dinorank_jax.bench --suite build [--build_pairs 2048] [--build_scales 1,4,16]
 
 Writes synthetic tar shards in img2dataset's layout (`{key}.jpg` + `{key}.txt`,
-`--build_shard_pairs` pairs a tar, JPEGs of 384 × 384 synthetic scenes, so the
+128 pairs a tar, JPEGs of 384 × 384 synthetic scenes, so the
 builder downscales every image to its 256 px short side) for `pairs × scale`
 pairs at each scale, then measures, at each scale in one run:
 

@@ -214,10 +214,14 @@ class TFRecordSource:
     return len(self.index)
 
   def __getitem__(self, i: int) -> dict:
-    path, start, length = self.index[i]
-    with open(path, "rb") as f:
-      f.seek(start)
-      return self.features.deserialize_example_np(f.read(length))
+    return self.features.deserialize_example_np(_read_at(*self.index[i]))
+
+
+def _read_at(path: str, offset: int, size: int) -> bytes:
+  """`size` bytes of the file at `path` from `offset` (indexed sources)."""
+  with open(path, "rb") as f:
+    f.seek(offset)
+    return f.read(size)
 
 
 WDS_IMAGES = ("webp", "png", "jpg", "jpeg")
@@ -255,22 +259,16 @@ def wds_split(root: str, split: str = "test") -> Split:
   if not retrieval and not classes:
     raise NotFound(f"{root}/classnames.txt (a classification webdataset needs its class names)")
 
-  def member(where) -> bytes:
-    path, offset, size = where
-    with open(path, "rb") as f:
-      f.seek(offset)
-      return f.read(size)
-
   def example(i, side):
     item = items[i]
     try:
-      image = member(next(item[e] for e in WDS_IMAGES if e in item))
+      image = _read_at(*next(item[e] for e in WDS_IMAGES if e in item))
       with Image.open(io.BytesIO(image)) as opened:
         out = {"image": square(opened, side)}
       if retrieval:
-        out["captions"] = member(item["txt"]).decode("utf-8").splitlines()
+        out["captions"] = _read_at(*item["txt"]).decode("utf-8").splitlines()
       else:
-        out["labels"] = {"label": int(member(item["cls"]))}
+        out["labels"] = {"label": int(_read_at(*item["cls"]))}
     except Exception:  # an undecodable example is skipped and counted, never fatal
       return {}
     return out
