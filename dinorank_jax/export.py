@@ -1,6 +1,7 @@
 """Inference export of a trained run, and the loader evaluation tools use.
 
     python -m dinorank_jax.export --workdir runs/r3 --out exports/r3 [--step N] [--data DIR]
+                                  [--format open_clip] [--format hf]
 
 writes `DIR/params` (an orbax checkpoint of the parameters that embed:
 trunks, students, fusion and the logit scale; no optimiser state, no rank
@@ -10,7 +11,10 @@ parameters came from) and `DIR/manifest.json` (the SHA-256 and size of every
 file under `params/`, checked by `load`: a damaged or altered export is
 refused in one line instead of embedding garbage). The model's vocabulary
 and teacher widths are read from the run's dataset metadata
-(`config.data.path`, or `--data`).
+(`config.data.path`, or `--data`). `--format open_clip` also writes
+`DIR/open_clip/` (open_clip's config and safetensors state dict), `--format hf`
+`DIR/hf/` (a transformers `CLIPModel` directory): the trunks and logit scale,
+without students or fusion (`dinorank_jax.convert`; docs/interop.md).
 
     import dinorank_jax
     model = dinorank_jax.load("exports/r3")
@@ -33,7 +37,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dinorank_jax import errors
+from dinorank_jax import convert, errors
 from dinorank_jax.data import records
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH, TextTokenizer
 from dinorank_jax.models import CONFIG_FIELDS, DinoRankCLIP, from_config
@@ -115,8 +119,10 @@ def trained_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
   return state["params"], step
 
 
-def export(workdir: str, out: str, *, step: int | None = None, data: str | None = None) -> dict:
-  """Writes the inference export of `workdir` to `out`; returns its config."""
+def export(workdir: str, out: str, *, step: int | None = None, data: str | None = None,
+           formats: tuple[str, ...] = ()) -> dict:
+  """Writes the inference export of `workdir` to `out` (and the CLIP
+  checkpoints of `formats`); returns its config."""
   try:
     with open(os.path.join(workdir, "config.json")) as f:
       config = ml_collections.ConfigDict(json.load(f))
@@ -134,7 +140,6 @@ def export(workdir: str, out: str, *, step: int | None = None, data: str | None 
   # every export holds the scanned layout.
   params = stack_layers(params)
   model_config = {
-      "format_version": FORMAT_VERSION,
       "model": {**{k: config.model[k] for k in CONFIG_FIELDS if k in config.model},
                 "scan": True, "vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"]},
       "image_size": config.data.image_size,
@@ -146,6 +151,28 @@ def export(workdir: str, out: str, *, step: int | None = None, data: str | None 
   model = _model(model_config)
   keep = jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs(model_config))["params"]
   params = {k: params[k] for k in keep}
+  # Converted first: a format that cannot hold the trunks is refused before
+  # anything is written.
+  checkpoints = {fmt: clip_checkpoint(fmt, model_config, params) for fmt in formats}
+  model_config = write(out, model_config, params)
+  for fmt, (state, config) in checkpoints.items():
+    directory = os.path.join(out, fmt)
+    if fmt == "open_clip":
+      name = "dinorank-" + os.path.basename(os.path.abspath(out))
+      convert.write_open_clip(directory, state, config,
+                              convert.open_clip_preprocess(model_config), name)
+    else:
+      convert.write_hf(directory, state, config)
+    note = convert.students_left_behind(model_config)
+    if note:
+      logging.warning("--format %s: %s", fmt, note)
+  return model_config
+
+
+def write(out: str, model_config: dict, params: dict) -> dict:
+  """`out/params`, its manifest and `out/model_config.json`; returns the
+  config as written."""
+  model_config = {"format_version": FORMAT_VERSION, **model_config}
   os.makedirs(out, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(os.path.abspath(out), "params"), params, force=True)
@@ -153,6 +180,14 @@ def export(workdir: str, out: str, *, step: int | None = None, data: str | None 
   records.write_json(os.path.join(out, MANIFEST), manifest(out))
   records.write_json(os.path.join(out, CONFIG_FILE), model_config)
   return model_config
+
+
+def clip_checkpoint(fmt: str, model_config: dict, params: dict) -> tuple[dict, dict]:
+  """`(state dict, config)` of an export's trunks as a CLIP checkpoint of
+  `fmt` (`convert.FORMATS`)."""
+  params = jax.tree.map(np.asarray, params)
+  to = convert.to_open_clip if fmt == "open_clip" else convert.to_hf
+  return to(model_config, params)
 
 
 def _model(model_config: dict, **overrides) -> DinoRankCLIP:
@@ -228,9 +263,10 @@ class ExportedModel:
     return self._batched(self._texts, tokens)
 
 
-def load(directory: str, *, batch_size: int = 256) -> ExportedModel:
-  """The export at `directory` (written by `export`), on the default device;
-  its files are checked against its manifest first."""
+def read(directory: str) -> tuple[dict, dict]:
+  """`(model_config, params)` of the export at `directory` (written by
+  `export`), on the default device; its files are checked against its
+  manifest first."""
   config_path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(config_path):
     raise errors.UserError(f"no export at {directory} (no {CONFIG_FILE}): write one with "
@@ -242,12 +278,17 @@ def load(directory: str, *, batch_size: int = 256) -> ExportedModel:
   if version not in (1, FORMAT_VERSION):
     raise errors.UserError(f"{directory}: export format {version}, this code reads 1 and "
                      f"{FORMAT_VERSION}; export the run again (python -m dinorank_jax.export)")
-  model = _model(model_config, scan=True)
   stored = _model(model_config, scan=version == FORMAT_VERSION)
   target = jax.eval_shape(stored.init, jax.random.key(0), *_dummy_inputs(model_config))["params"]
   params = ocp.StandardCheckpointer().restore(
       os.path.join(os.path.abspath(directory), "params"), _on_one_device(target))
-  return ExportedModel(model, stack_layers(params), model_config, batch_size)
+  return model_config, stack_layers(params)
+
+
+def load(directory: str, *, batch_size: int = 256) -> ExportedModel:
+  """The export at `directory` as an `ExportedModel` (see `read`)."""
+  model_config, params = read(directory)
+  return ExportedModel(_model(model_config, scan=True), params, model_config, batch_size)
 
 
 @errors.guard
@@ -257,8 +298,12 @@ def main(argv=None):
   p.add_argument("--out", required=True, help="export directory to write")
   p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
   p.add_argument("--data", help="the run's records (default: its config.data.path)")
+  p.add_argument("--format", action="append", choices=convert.FORMATS, default=[],
+                 help="also write the trunks as this CLIP checkpoint, in OUT/<format> "
+                      "(repeatable)")
   args = p.parse_args(argv)
-  model_config = export(args.workdir, args.out, step=args.step, data=args.data)
+  model_config = export(args.workdir, args.out, step=args.step, data=args.data,
+                        formats=tuple(dict.fromkeys(args.format)))
   print(f"exported step {model_config['source']['step']} of {args.workdir} to {args.out}")
 
 

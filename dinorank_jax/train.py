@@ -31,7 +31,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from dinorank_jax import config as config_lib
-from dinorank_jax import compilation, evaluate, optim, parallel, workdir as workdir_lib
+from dinorank_jax import compilation, evaluate, optim, parallel, warm_start
+from dinorank_jax import workdir as workdir_lib
 from dinorank_jax.checkpoint import Checkpointer, abstract_state
 from dinorank_jax.data import records
 from dinorank_jax.data.pipeline import make_dataset
@@ -243,6 +244,8 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
     if changes:
       logging.warning("resuming %s with a changed config: %s", workdir, "; ".join(changes))
   model = build_model(config, meta)
+  fresh = checkpointer.latest_step is None
+  trunks = warm_start.read_trunks(config, meta) if config.init_from and fresh else None
   lr = optim.learning_rate(config.optim.lr, config.optim.warmup_steps, total_steps)
   tx = optim.adamw(lr, config.optim.weight_decay)
   objective = Objective(**config.objective.to_dict())
@@ -260,6 +263,10 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
   if restored is not None:
     state = restored
     logging.info("resumed from step %d", int(state.step))
+  elif trunks is not None:
+    state = state.replace(params=warm_start.replace_trunks(state.params, trunks,
+                                                           shardings.params))
+    logging.info("trunks and logit scale from %s", config.init_from)
   train_step = make_train_step(model, tx, objective, mesh, shardings,
                                steps_per_epoch=steps_per_epoch, epochs=config.epochs,
                                seed=config.seed,

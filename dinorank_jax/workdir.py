@@ -35,7 +35,7 @@ FIXED_ON_RESUME = ("model", "seed", "batch_size", "data.path", "data.num_records
 FREE_ON_RESUME = ("model.scan", "model.remat", "model.rank_chunk_size")
 # Fields added after runs were stored, with the value that reproduces what
 # those runs did: a stored config without one had that value.
-ADDED_FIELDS = {"model.arch": "dinorank"}
+ADDED_FIELDS = {"model.arch": "dinorank", "init_from": ""}
 
 
 class WorkdirBusy(UserError):

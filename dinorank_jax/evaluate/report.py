@@ -109,8 +109,9 @@ def markdown(results: dict) -> str:
   lines = ["# Evaluation", ""]
   for name, m in models.items():
     source = m.get("model", {}).get("source", {})
-    lines.append(f"- **{name}**: {m.get('path', '')} (step {source.get('step', '?')}, "
-                 f"rank order {source.get('rank_order', '?')})")
+    origin = (f"imported from {source['checkpoint']}" if "checkpoint" in source   # convert
+              else f"step {source.get('step', '?')}, rank order {source.get('rank_order', '?')}")
+    lines.append(f"- **{name}**: {m.get('path', '')} ({origin})")
   lines += ["", *_paper_tables(models), *_group_tables(models)]
   skipped = [f"- {name} / {suite}: {r['status']}" for name, m in models.items()
              for suite, r in m["suites"].items() if r.get("status") != "ok"]

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 
 from dinorank_jax.models.layers import DEFAULT_LN_EPS, Encoder
 
-# name: (width, depth, heads); "B" is CLIP's text trunk, "Ti" the student.
-TEXT_SIZES = {"tiny": (32, 2, 2), "Ti": (192, 12, 3), "B": (512, 12, 8)}
+# name: (width, depth, heads); "B" is CLIP's text trunk (ViT-B/32, B/16), "L" that of
+# ViT-L/14, "Ti" the student.
+TEXT_SIZES = {"tiny": (32, 2, 2), "Ti": (192, 12, 3), "B": (512, 12, 8), "L": (768, 12, 12)}
 VOCAB_SIZE = 49408
 CONTEXT_LENGTH = 77
 EOT_ID = 49407

@@ -1,0 +1,102 @@
+"""Checkpoint files: reading PyTorch and safetensors state dicts, writing the
+open_clip and transformers directories.
+
+`.safetensors` files are read and written with NumPy alone; `.pt`, `.pth`
+and `.bin` files (torch pickles, OpenAI's TorchScript archives) need torch,
+imported here only when such a file is read (the `convert` extra).
+"""
+
+import json
+import os
+import zipfile
+
+import numpy as np
+import safetensors.numpy
+
+from dinorank_jax.convert.layout import ConversionError
+
+# The weight files a checkpoint directory may hold, preferred first.
+WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors",
+                "open_clip_pytorch_model.bin", "pytorch_model.bin")
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_CONFIG = "config.json"
+
+
+def weights_path(path: str) -> str:
+  """`path`, or the weight file of the checkpoint directory `path`."""
+  if not os.path.isdir(path):
+    if not os.path.isfile(path):
+      raise ConversionError(f"no checkpoint at {path}")
+    return path
+  for name in WEIGHT_FILES:
+    if os.path.isfile(os.path.join(path, name)):
+      return os.path.join(path, name)
+  raise ConversionError(f"{path} holds none of {', '.join(WEIGHT_FILES)}: pass the weight "
+                        "file itself")
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """The arrays of the state dict at `path` (a file or a checkpoint directory)."""
+  path = weights_path(path)
+  if path.endswith(".safetensors"):
+    return safetensors.numpy.load_file(path)
+  return _read_torch(path)
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
+  try:
+    import torch  # the `convert` extra; only for PyTorch pickles
+  except ImportError:
+    raise ConversionError(f"{path} is a PyTorch checkpoint: reading it needs torch (pip install "
+                          "'dinorank_jax[convert]'), or give its .safetensors") from None
+  if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl")
+                                      for n in zipfile.ZipFile(path).namelist()):
+    state = torch.jit.load(path, map_location="cpu").state_dict()   # OpenAI's archives
+  else:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+    state = state["state_dict"]                                        # open_clip's training saves
+  if not isinstance(state, dict):
+    raise ConversionError(f"{path} holds a {type(state).__name__}, not a state dict")
+  strip = lambda k: k[len("module."):] if k.startswith("module.") else k   # saved under DDP
+  return {strip(k): v.detach().float().numpy() for k, v in state.items() if torch.is_tensor(v)}
+
+
+def read_hf_config(path: str) -> dict:
+  """The `config.json` of the transformers checkpoint `path` (its directory, or beside the file)."""
+  directory = path if os.path.isdir(path) else os.path.dirname(path)
+  config = os.path.join(directory, HF_CONFIG)
+  if not os.path.isfile(config):
+    raise ConversionError(f"no {HF_CONFIG} beside {path}: a transformers checkpoint needs its "
+                          "config for the towers' sizes and activation")
+  with open(config) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, value) -> None:
+  with open(path, "w") as f:
+    json.dump(value, f, indent=2)
+    f.write("\n")
+
+
+def write_open_clip(directory: str, state: dict, config: dict, preprocess: dict,
+                    name: str) -> None:
+  """open_clip's two ways in: `create_model("local-dir:DIR")` reads
+  `open_clip_config.json` and `open_clip_model.safetensors`;
+  `add_model_config("DIR/NAME.json")` then `create_model(NAME, pretrained=...)`
+  reads the model config under its own name."""
+  os.makedirs(directory, exist_ok=True)
+  safetensors.numpy.save_file(state, os.path.join(directory, OPEN_CLIP_WEIGHTS))
+  _write_json(os.path.join(directory, OPEN_CLIP_CONFIG),
+              {"model_cfg": config, "preprocess_cfg": preprocess})
+  _write_json(os.path.join(directory, f"{name}.json"), config)
+
+
+def write_hf(directory: str, state: dict, config: dict) -> None:
+  """A directory `transformers.CLIPModel.from_pretrained` loads."""
+  os.makedirs(directory, exist_ok=True)
+  safetensors.numpy.save_file(state, os.path.join(directory, HF_WEIGHTS),
+                              metadata={"format": "pt"})
+  _write_json(os.path.join(directory, HF_CONFIG), config)
