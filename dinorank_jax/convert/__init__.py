@@ -14,7 +14,7 @@ and writing checkpoint files.
 import os
 
 from dinorank_jax.convert.clip import (from_hf, from_open_clip, open_clip_preprocess,
-                                       students_left_behind, to_hf, to_open_clip, trunk_spec)
+                                       students_left_behind, to_hf, to_open_clip)
 from dinorank_jax.convert.files import (read_hf_config, read_state_dict, write_hf,
                                         write_open_clip)
 from dinorank_jax.convert.layout import FORMATS, ConversionError
@@ -49,5 +49,5 @@ def read(path: str, arch: str | None = None, *,
 
 __all__ = ["FORMATS", "ConversionError", "from_hf", "from_open_clip", "layout_of",
            "open_clip_preprocess", "read", "read_hf_config", "read_state_dict",
-           "students_left_behind", "to_hf", "to_open_clip", "trunk_spec", "write_hf",
+           "students_left_behind", "to_hf", "to_open_clip", "write_hf",
            "write_open_clip"]

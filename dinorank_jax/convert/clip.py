@@ -23,19 +23,12 @@ from dinorank_jax.convert.layout import (ConversionError, Dims, Tower, rules, si
                                          to_theirs, tower)
 from dinorank_jax.data.tokenizer import CLIP_BPE_ID, CONTEXT_LENGTH
 from dinorank_jax.models.dinorankclip import ARCHS
-from dinorank_jax.models.layers import DEFAULT_LN_EPS
 from dinorank_jax.models.text import TEXT_SIZES, text_size
 from dinorank_jax.models.vit import IMAGE_MEAN, IMAGE_STD, VIT_SIZES, vit_size
 
 TORCH_LN_EPS = 1e-5
 # Our activations in transformers' names (`hidden_act`).
 HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-
-
-def trunk_spec(arch: str) -> dict:
-  """`ln_pre`, `patch_bias`, `activation`, `ln_eps` of the trunks of `arch`."""
-  return {"ln_pre": False, "patch_bias": True, "activation": "gelu_tanh",
-          "ln_eps": DEFAULT_LN_EPS, **ARCHS[arch]}
 
 
 def _shape(state: Mapping, key: str) -> tuple[int, ...]:
@@ -107,8 +100,8 @@ def from_hf(state: Mapping[str, np.ndarray], config: Mapping,
   acts = {part.get("hidden_act", "quick_gelu") for part in (vision, text)}
   eps = {float(part.get("layer_norm_eps", TORCH_LN_EPS)) for part in (vision, text)}
   arch = next((a for a in ("openai", "open_clip")
-               if acts == {HF_ACTIVATIONS[trunk_spec(a)["activation"]]}
-               and eps == {trunk_spec(a)["ln_eps"]}), None)
+               if acts == {HF_ACTIVATIONS[ARCHS[a]["activation"]]}
+               and eps == {ARCHS[a]["ln_eps"]}), None)
   if arch is None:
     raise ConversionError(f"hidden_act {sorted(acts)} with layer_norm_eps {sorted(eps)}: the "
                           "converter knows quick_gelu or gelu, the same in both towers, with "
@@ -150,21 +143,21 @@ def _clip_params(params: Mapping, arch: str) -> tuple[dict, bool]:
   """`(trunks and logit scale, ln_pre)`; a patch bias is folded into the
   patch positions (it is added to every patch token, as they are)."""
   image = dict(params["image_tower"])
-  if trunk_spec(arch)["patch_bias"]:
+  if ARCHS[arch]["patch_bias"]:
     patch = dict(image["patch_embed"])
     bias = np.asarray(patch.pop("bias"), np.float32)
     pos = np.array(image["pos_embedding"], np.float32)
     pos[1:] += bias
     image.update(patch_embed=patch, pos_embedding=pos)
   return ({"image_tower": image, "text_tower": params["text_tower"],
-           "logit_scale": params["logit_scale"]}, trunk_spec(arch)["ln_pre"])
+           "logit_scale": params["logit_scale"]}, ARCHS[arch]["ln_pre"])
 
 
 def to_open_clip(model_config_: Mapping, params: Mapping) -> tuple[dict, dict]:
   """`(state dict, open_clip model config)` of an export's trunks; any arch:
   ours sets `no_ln_pre`, a tanh GELU and its LayerNorm epsilon."""
   m, d = model_config_["model"], dims(model_config_)
-  spec = trunk_spec(m["arch"])
+  spec = ARCHS[m["arch"]]
   clip, ln_pre = _clip_params(params, m["arch"])
   tower_kw = {}
   if spec["activation"] == "gelu_tanh":
@@ -192,7 +185,7 @@ def to_hf(model_config_: Mapping, params: Mapping) -> tuple[dict, dict]:
   """`(state dict, config.json)` of a transformers `CLIPModel` holding an
   export's trunks (their arch must have `ln_pre`, as CLIPModel always does)."""
   m, d = model_config_["model"], dims(model_config_)
-  spec = trunk_spec(m["arch"])
+  spec = ARCHS[m["arch"]]
   clip, ln_pre = _clip_params(params, m["arch"])
   if not ln_pre:
     raise ConversionError(f"config.model.arch={m['arch']!r} trunks have no LayerNorm before "

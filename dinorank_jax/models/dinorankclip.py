@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from dinorank_jax.models.fusion import Fusion
+from dinorank_jax.models.layers import DEFAULT_LN_EPS
 from dinorank_jax.models.rank_head import HighOrderPL
 from dinorank_jax.models.text import EOT_ID, VOCAB_SIZE, TextStudent, TextTransformer
 from dinorank_jax.models.vit import ViT
@@ -34,7 +35,8 @@ STUDENT_MODES = ("none", "image", "both")
 # and OpenAI's quick GELU or open_clip's exact one (its LAION models). The
 # students always use ours.
 ARCHS = {
-    "dinorank": {},
+    "dinorank": {"ln_pre": False, "patch_bias": True, "activation": "gelu_tanh",
+                 "ln_eps": DEFAULT_LN_EPS},
     "openai": {"ln_pre": True, "patch_bias": False, "activation": "quick_gelu", "ln_eps": 1e-5},
     "open_clip": {"ln_pre": True, "patch_bias": False, "activation": "gelu", "ln_eps": 1e-5},
 }
