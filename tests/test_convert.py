@@ -142,6 +142,32 @@ def test_converted_hf_clip_gives_its_image_and_text_embeddings(activation, arch)
   assert scale == pytest.approx(min(theirs.logit_scale.exp().item(), 100.0), rel=1e-6)
 
 
+@pytest.mark.parametrize("name,image,text", [("ViT-B-16", "B/16", "B"), ("ViT-L-14", "L/14", "L"),
+                                             ("ViT-L-14-336", "L/14", "L")])
+def test_larger_clips_have_the_names_and_shapes_our_rules_give(name, image, text):
+  """B/16 and L/14, built on torch's meta device (shapes, no memory), in
+  open_clip's and transformers' layouts."""
+  config = open_clip.get_model_config(name)
+  side, embed = config["vision_cfg"]["image_size"], config["embed_dim"]
+  d = convert.clip.dims({"model": {"image_trunk": image, "text_trunk": text, "embed_dim": embed,
+                                   "vocab_size": 49408},
+                         "image_size": side, "context_length": 77})
+  with torch.device("meta"):
+    theirs = open_clip.model.CLIP(**config)
+    image_tower, text_tower = d.image, d.text
+    hf = CLIPModel(CLIPConfig(
+        vision_config=dict(hidden_size=image_tower.width, intermediate_size=4 * image_tower.width,
+                           num_hidden_layers=image_tower.depth,
+                           num_attention_heads=image_tower.heads, image_size=side,
+                           patch_size=d.patch),
+        text_config=dict(hidden_size=text_tower.width, intermediate_size=4 * text_tower.width,
+                         num_hidden_layers=text_tower.depth, num_attention_heads=text_tower.heads),
+        projection_dim=embed))
+  for fmt, model in (("open_clip", theirs), ("hf", hf)):
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {r.theirs: r.shape for r in convert.layout.rules(fmt, d)} == shapes, fmt
+
+
 # --------------------------------------------------------------------------- out
 
 
