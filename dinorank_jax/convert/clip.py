@@ -139,9 +139,9 @@ def students_left_behind(model_config_: Mapping) -> str | None:
           "embeddings dinorank_jax.load gives")
 
 
-def _clip_params(params: Mapping, arch: str) -> tuple[dict, bool]:
-  """`(trunks and logit scale, ln_pre)`; a patch bias is folded into the
-  patch positions (it is added to every patch token, as they are)."""
+def _clip_params(params: Mapping, arch: str) -> dict:
+  """The trunks and logit scale; a patch bias is folded into the patch
+  positions (it is added to every patch token, as they are)."""
   image = dict(params["image_tower"])
   if ARCHS[arch]["patch_bias"]:
     patch = dict(image["patch_embed"])
@@ -149,8 +149,8 @@ def _clip_params(params: Mapping, arch: str) -> tuple[dict, bool]:
     pos = np.array(image["pos_embedding"], np.float32)
     pos[1:] += bias
     image.update(patch_embed=patch, pos_embedding=pos)
-  return ({"image_tower": image, "text_tower": params["text_tower"],
-           "logit_scale": params["logit_scale"]}, ARCHS[arch]["ln_pre"])
+  return {"image_tower": image, "text_tower": params["text_tower"],
+          "logit_scale": params["logit_scale"]}
 
 
 def to_open_clip(model_config_: Mapping, params: Mapping) -> tuple[dict, dict]:
@@ -158,7 +158,7 @@ def to_open_clip(model_config_: Mapping, params: Mapping) -> tuple[dict, dict]:
   ours sets `no_ln_pre`, a tanh GELU and its LayerNorm epsilon."""
   m, d = model_config_["model"], dims(model_config_)
   spec = ARCHS[m["arch"]]
-  clip, ln_pre = _clip_params(params, m["arch"])
+  ln_pre = spec["ln_pre"]
   tower_kw = {}
   if spec["activation"] == "gelu_tanh":
     tower_kw["act_kwargs"] = {"approximate": "tanh"}
@@ -173,7 +173,7 @@ def to_open_clip(model_config_: Mapping, params: Mapping) -> tuple[dict, dict]:
     text.update(pool_type="eos", eos_id=m["eot_id"])
   config = {"embed_dim": d.embed, "quick_gelu": spec["activation"] == "quick_gelu",
             "vision_cfg": vision, "text_cfg": text}
-  return to_theirs(clip, rules("open_clip", d, ln_pre=ln_pre)), config
+  return to_theirs(_clip_params(params, m["arch"]), rules("open_clip", d, ln_pre=ln_pre)), config
 
 
 def open_clip_preprocess(model_config_: Mapping) -> dict:
@@ -186,8 +186,7 @@ def to_hf(model_config_: Mapping, params: Mapping) -> tuple[dict, dict]:
   export's trunks (their arch must have `ln_pre`, as CLIPModel always does)."""
   m, d = model_config_["model"], dims(model_config_)
   spec = ARCHS[m["arch"]]
-  clip, ln_pre = _clip_params(params, m["arch"])
-  if not ln_pre:
+  if not spec["ln_pre"]:
     raise ConversionError(f"config.model.arch={m['arch']!r} trunks have no LayerNorm before "
                           "the image encoder, which transformers' CLIPModel always applies: "
                           "export --format open_clip, or train with --config.model.arch=open_clip")
@@ -200,4 +199,4 @@ def to_hf(model_config_: Mapping, params: Mapping) -> tuple[dict, dict]:
                             "max_position_embeddings": d.context, "eos_token_id": m["eot_id"]},
             "vision_config": {**part(d.image), "image_size": model_config_["image_size"],
                               "patch_size": d.patch, "num_channels": 3}}
-  return to_theirs(clip, rules("hf", d)), config
+  return to_theirs(_clip_params(params, m["arch"]), rules("hf", d)), config

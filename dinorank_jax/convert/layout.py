@@ -184,7 +184,9 @@ _IMAGE, _TEXT = ("image_tower",), ("text_tower",)
 
 def rules(fmt: str, d: Dims, *, ln_pre: bool = True) -> list[Rule]:
   """The rules of format `fmt` for a CLIP of sizes `d`; `ln_pre=False`: an
-  image tower without the LayerNorm before its encoder (open_clip only)."""
+  image tower without the LayerNorm before its encoder (open_clip's
+  `no_ln_pre`; transformers' layout always has one, `clip.to_hf` refuses
+  trunks without)."""
   w, tw, p, tokens = d.image.width, d.text.width, d.patch, d.grid ** 2 + 1
   conv = ((w, 3, p, p), (*_IMAGE, "patch_embed", "kernel"),
           ((lambda a: (a.transpose(2, 3, 1, 0),)), (lambda a: a.transpose(3, 2, 0, 1))))
@@ -203,9 +205,6 @@ def rules(fmt: str, d: Dims, *, ln_pre: bool = True) -> list[Rule]:
     out += _norm("ln_final", (*_TEXT, "encoder", "norm"), tw)
     out += [_rule("text_projection", (tw, d.embed), (*_TEXT, "projection", "kernel"), _same())]
   elif fmt == "hf":
-    if not ln_pre:
-      raise ConversionError("transformers' CLIPModel always has a LayerNorm before the image "
-                            "encoder (pre_layrnorm); trunks without one export to open_clip only")
     v, t = "vision_model", "text_model"
     out = [_rule(f"{v}.embeddings.patch_embedding.weight", *conv),
            _rule(f"{v}.embeddings.class_embedding", *cls),
