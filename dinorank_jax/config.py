@@ -54,7 +54,11 @@ def paper(*, order: int = 3, epochs: int = 64, students: str = "both",
   c.model.rank_chunk_size = 16
   c.model.dtype = "bfloat16"                # compute dtype; parameters stay float32
   c.model.scan = True                       # each stack of blocks is one nn.scan
-  c.model.remat = "none"                    # none | dots | full (docs/performance.md)
+  # What each block keeps for the backward pass: none | all_dots | dots | full.
+  # all_dots is the least recomputation with which 512 rows per device fit an
+  # H100 80GB (docs/performance.md § GPU memory).
+  c.model.remat = "all_dots"
+  c.model.attention = "flax"                # flax | xla | cudnn | auto (models/layers.py)
   c.model.arch = "dinorank"                 # dinorank | openai | open_clip: how the trunks are built
 
   c.objective = ConfigDict()                # step.Objective
@@ -98,6 +102,7 @@ def paper(*, order: int = 3, epochs: int = 64, students: str = "both",
   c.eval_batch_size = 1024
   c.on_nonfinite = "stop"                   # stop | skip (the update)
   c.compilation_cache = default_compilation_cache()   # "" = off
+  c.device_memory_gib = 0.0                 # > 0: the per-device budget the step must fit
   return c
 
 

@@ -44,7 +44,7 @@ from dinorank_jax.metric_writer import MetricWriter
 from dinorank_jax.models import DinoRankCLIP, from_config
 from dinorank_jax.models.dinorankclip import ARCHS, STUDENT_MODES
 from dinorank_jax.models.fusion import FUSION_MODES
-from dinorank_jax.models.layers import REMAT_POLICIES
+from dinorank_jax.models.layers import ATTENTION, REMAT_POLICIES
 from dinorank_jax.models.summary import parameter_overview
 from dinorank_jax.models.text import TEXT_SIZES
 from dinorank_jax.models.vit import VIT_SIZES, vit_size
@@ -60,6 +60,59 @@ class ConfigError(UserError, ValueError):
 
 class NonFiniteLoss(UserError, RuntimeError):
   """The loss stopped being finite; the message names the step and terms."""
+
+
+class StepDoesNotFit(UserError, MemoryError):
+  """The compiled train step needs more memory per device than there is;
+  the message names settings that fit."""
+
+
+def memory_limit(config) -> int | None:
+  """Bytes the train step may use per device: `config.device_memory_gib`
+  when set, else what JAX's allocator holds on this process's first device
+  (None where the backend does not say, as on the CPU)."""
+  if config.device_memory_gib:
+    return int(config.device_memory_gib * 2 ** 30)
+  return (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
+def _gib(n: int) -> str:
+  return f"{n / 2 ** 30:.1f} GiB"
+
+
+def check_fits(report: dict, limit: int | None, config, *, devices: int,
+               device_kind: str, remat_peaks=()) -> None:
+  """Raises `StepDoesNotFit` when the compiled step's peak per device
+  (`compilation.compile_ahead`'s `peak_bytes`) exceeds `limit`, naming the
+  peak, the limit and what fits: the first of `remat_peaks` (`(policy,
+  peak)` of coarser policies, compiled by the caller) under the limit, and
+  a batch size and accumulation steps estimated from the temporaries, which
+  grow with the rows of a device."""
+  peak = report.get("peak_bytes")
+  if limit is None or peak is None or peak <= limit:
+    return
+  fixes = [f"--config.model.remat={p} ({_gib(b)})" for p, b in remat_peaks if b <= limit][:1]
+  fixed, temp = peak - report["temp_bytes"], report["temp_bytes"]
+  if fixed < limit:
+    share = (limit - fixed) / temp            # of today's temporaries that would fit
+    accum = config.optim.accum_steps
+    unit = devices * accum
+    batch = int(config.batch_size * share) // unit * unit
+    if batch:
+      fixes.append(f"--config.batch_size={batch}")
+    per_device = config.batch_size // devices
+    steps = next((k for k in range(accum + 1, per_device + 1)
+                  if per_device % k == 0 and accum / k <= share), None)
+    if steps:
+      fixes.append(f"--config.optim.accum_steps={steps}")
+  advice = (f"it would fit with {' or '.join(fixes)} (batch size and accumulation steps "
+            "estimated from the temporaries)" if fixes else
+            "the parameters and optimiser state alone do not fit: shard them with "
+            "--config.mesh.fsdp")
+  raise StepDoesNotFit(
+      f"the train step needs {_gib(peak)} per device (arguments {_gib(report['argument_bytes'])}"
+      f", temporaries {_gib(temp)}), more than the {_gib(limit)} JAX may use on {device_kind}"
+      f" (config.device_memory_gib or XLA_PYTHON_CLIENT_MEM_FRACTION): {advice}")
 
 
 def _choice(config, name: str, choices) -> None:
@@ -88,11 +141,11 @@ def validate(config) -> None:
                "model.embed_dim", "model.rank_head_dim", "model.rank_chunk_size",
                "objective.text_slots", "objective.rkd_max_triples", "optim.accum_steps"):
     _at_least(config, name, 1)
-  for name in ("eval_every", "data.worker_count", "optim.warmup_steps", "optim.weight_decay",
-               "optim.lr", "optim.clip_grad_norm", "objective.rank_max", "objective.pl_eps",
-               "objective.alpha_image",
-               "objective.alpha_text", "objective.beta", "objective.fusion_gate",
-               "objective.rank_gate", "objective.cyclic_in", "objective.cyclic_cross"):
+  for name in ("eval_every", "device_memory_gib", "data.worker_count", "optim.warmup_steps",
+               "optim.weight_decay", "optim.lr", "optim.clip_grad_norm", "objective.rank_max",
+               "objective.pl_eps", "objective.alpha_image", "objective.alpha_text",
+               "objective.beta", "objective.fusion_gate", "objective.rank_gate",
+               "objective.cyclic_in", "objective.cyclic_cross"):
     _at_least(config, name, 0)
   _at_least(config, "objective.list_len", 1, optional=True)
   _at_least(config, "objective.high_order_len", 0, optional=True)
@@ -118,6 +171,7 @@ def validate(config) -> None:
   _choice(config, "model.students", STUDENT_MODES)
   _choice(config, "model.fusion_mode", FUSION_MODES)
   _choice(config, "model.remat", REMAT_POLICIES)
+  _choice(config, "model.attention", ATTENTION)
   _choice(config, "model.arch", ARCHS)
   _choice(config, "model.dtype", ("float32", "bfloat16"))
   _choice(config, "objective.rank_schedule", optim.RANK_SCHEDULES)
@@ -205,6 +259,25 @@ def _skip_metrics(skipped: np.ndarray) -> dict[str, int]:
   return {**out, "data/skipped_total": int(skipped.sum())}
 
 
+def _compile_fitting(step_for, model, state, batch, config):
+  """`(compiled step, report)`, or `StepDoesNotFit` before anything runs when
+  its peak exceeds `memory_limit`; the coarser remat policies are then
+  compiled in turn until one fits, to name it."""
+  compiled, report = compilation.compile_ahead(step_for(model), state, batch)
+  logging.info("train step: %s", compilation.describe(report))
+  limit = memory_limit(config)
+  if limit is not None and report.get("peak_bytes", 0) > limit:
+    remat_peaks, policies = [], list(REMAT_POLICIES)
+    for policy in policies[policies.index(model.remat) + 1:]:
+      _, other = compilation.compile_ahead(step_for(model.clone(remat=policy)), state, batch)
+      remat_peaks.append((policy, other["peak_bytes"]))
+      if other["peak_bytes"] <= limit:
+        break
+    check_fits(report, limit, config, devices=jax.device_count(),
+               device_kind=jax.local_devices()[0].device_kind, remat_peaks=remat_peaks)
+  return compiled, report
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last evaluation's
@@ -267,12 +340,10 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
     state = state.replace(params=warm_start.replace_trunks(state.params, trunks,
                                                            shardings.params))
     logging.info("trunks and logit scale from %s", config.init_from)
-  train_step = make_train_step(model, tx, objective, mesh, shardings,
-                               steps_per_epoch=steps_per_epoch, epochs=config.epochs,
-                               seed=config.seed,
-                               skip_nonfinite=config.on_nonfinite == "skip",
-                               accum_steps=config.optim.accum_steps,
-                               clip_grad_norm=config.optim.clip_grad_norm)
+  step_for = lambda model: make_train_step(
+      model, tx, objective, mesh, shardings, steps_per_epoch=steps_per_epoch,
+      epochs=config.epochs, seed=config.seed, skip_nonfinite=config.on_nonfinite == "skip",
+      accum_steps=config.optim.accum_steps, clip_grad_norm=config.optim.clip_grad_norm)
   wandb = ({"project": config.log.wandb_project, "name": os.path.basename(workdir.rstrip("/")),
             "config": json.loads(config_json)} if config.log.wandb else None)
   writer = MetricWriter(workdir, active=lead, wandb=wandb)
@@ -299,14 +370,13 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
   timer, timed_from = time.perf_counter(), start
   position = iterator.get_state()         # the data position a checkpoint records
   batch = parallel.global_batch(mesh, next(iterator)) if start < total_steps else None
-  if batch is not None:
-    # Compiled here, once, so that compilation never counts as a step's time.
-    train_step, report = compilation.compile_ahead(train_step, state, batch)
-    parallel.wait_for_all(f"train step compiled, step {start}")
-    logging.info("train step: %s", compilation.describe(report))
-    writer.write(start, {f"compile/{k}": v for k, v in report.items()})
-    timer = time.perf_counter()
   try:
+    if batch is not None:
+      # Compiled here, once, so that compilation never counts as a step's time.
+      train_step, report = _compile_fitting(step_for, model, state, batch, config)
+      parallel.wait_for_all(f"train step compiled, step {start}")
+      writer.write(start, {f"compile/{k}": v for k, v in report.items()})
+      timer = time.perf_counter()
     for step in range(start, total_steps):
       state, metrics = train_step(state, batch)
       position = iterator.get_state()     # before the batch of step + 1

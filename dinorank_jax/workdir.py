@@ -32,10 +32,11 @@ FIXED_ON_RESUME = ("model", "seed", "batch_size", "data.path", "data.num_records
                    "data.image_size")
 # Model fields that decide how a run compiles, not its parameters or batches
 # (a layout change the checkpoint cannot hold is refused by `checkpoint`).
-FREE_ON_RESUME = ("model.scan", "model.remat", "model.rank_chunk_size")
+FREE_ON_RESUME = ("model.scan", "model.remat", "model.attention", "model.rank_chunk_size")
 # Fields added after runs were stored, with the value that reproduces what
 # those runs did: a stored config without one had that value.
-ADDED_FIELDS = {"model.arch": "dinorank", "init_from": ""}
+ADDED_FIELDS = {"model.arch": "dinorank", "init_from": "", "model.attention": "flax",
+                "device_memory_gib": 0.0}
 
 
 class WorkdirBusy(UserError):

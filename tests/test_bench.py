@@ -84,8 +84,10 @@ def test_compile_suite_reports_every_program_and_scanning_shrinks_it(tmp_path, c
 
 
 def test_unrolled_stacks_are_several_times_the_program_of_scanned_ones():
+  # Without remat: under remat each unrolled block is one `checkpoint` equation.
   def equations(scan):
-    model, objective, tx = step.bench_model(0, step.SHAPES["gpu"], "none", {"scan": scan})
+    model, objective, tx = step.bench_model(0, step.SHAPES["gpu"], "none",
+                                            {"scan": scan, "remat": "none"})
     init, _ = state_initializer(model, tx, parallel.make_mesh(), 224, objective=objective)
     return len(init.trace(*abstract_inputs(224)).jaxpr.jaxpr.eqns)
   assert equations(False) > 5 * equations(True)

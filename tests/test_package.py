@@ -66,4 +66,5 @@ def test_the_wheel_builds_without_warnings_and_holds_the_package_only(tmp_path):
   assert "Warning" not in out.stdout + out.stderr, (out.stdout + out.stderr)[-3000:]
   names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
   assert "dinorank_jax/train.py" in names
+  assert {f"dinorank_jax/gpu_targets/{t}.txtpb" for t in ("h100", "h200", "a100")} <= set(names)
   assert not any(n.startswith(("configs/", "launch/", "tests/")) for n in names)

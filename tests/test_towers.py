@@ -70,7 +70,7 @@ def test_whole_model_scanned_equals_unrolled_and_counts_the_same_parameters():
   assert count(abstract(DinoRankCLIP())) == count(abstract(DinoRankCLIP(scan=False)))
 
 
-@pytest.mark.parametrize("remat", ["dots", "full"])
+@pytest.mark.parametrize("remat", ["all_dots", "dots", "full"])
 def test_remat_policies_change_neither_outputs_nor_gradients(remat):
   encoder = Encoder(2, 2, dtype=jnp.float32)
   x = jax.random.normal(jax.random.key(0), (3, 5, 16))
@@ -85,6 +85,21 @@ def test_remat_policies_change_neither_outputs_nor_gradients(remat):
                                 atol=1e-9)
   with pytest.raises(ValueError, match="config.model.remat"):
     encoder.clone(remat="some").init(jax.random.key(1), x)
+
+
+@pytest.mark.parametrize("attention", ["xla", "auto"])
+def test_fused_attention_equals_flax_attention_with_masks(attention):
+  """float32: both compute softmax(QKᵀ/√d)V; only summation order differs."""
+  for name in ("image student", "text trunk", "text student"):    # none, causal, padding
+    tower = TOWERS[name].clone(dtype=jnp.float32)
+    inputs = (jax.random.uniform(jax.random.key(2), (2, IMAGE, IMAGE, 3))
+              if name.startswith("image") else TOKENS)
+    params = tower.init(jax.random.key(0), inputs)
+    fused = tower.clone(attention=attention)
+    chex.assert_trees_all_close(fused.apply(params, inputs), tower.apply(params, inputs),
+                                rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="config.model.attention"):
+    Encoder(1, 2, attention="flash").init(jax.random.key(1), jnp.zeros((1, 3, 8)))
 
 
 def _unstack(params):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dinorank_jax import config as config_lib
-from dinorank_jax import optim, parallel
+from dinorank_jax import compilation, optim, parallel
 from dinorank_jax.bench import flops
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH
 from dinorank_jax.optim import WARM_START_EPOCHS
@@ -41,7 +41,8 @@ SHAPES = {
             "teacher": {"grid": 14, "pca_dim": 256, "cls_dim": 1024, "text_len": 32,
                         "text_dim": 384}},
     "cpu": {"model": {"embed_dim": 64, "image_trunk": "tiny/8", "text_trunk": "tiny",
-                      "image_student": "tiny/8", "text_student": "tiny", "rank_head_dim": 16},
+                      "image_student": "tiny/8", "text_student": "tiny", "rank_head_dim": 16,
+                      "remat": "none"},
             "image_size": 32, "rows": 128, "dtype": "float32",
             "teacher": {"grid": 4, "pca_dim": 8, "cls_dim": 10, "text_len": 12, "text_dim": 6}},
 }
@@ -109,14 +110,31 @@ def random_state(model, tx, mesh, image_size: int, objective: Objective, seed: i
 
 
 def compile_step(order: int, shape: dict, mesh, host_batch: dict, students: str = "both",
-                 overrides: dict | None = None):
-  """`[compiled step, state, batch, model, temp bytes]` for one model."""
+                 overrides: dict | None = None, compiler_options: dict | None = None):
+  """`[compiled step, state, batch, model, compile report]` for one model
+  (`compilation.compile_ahead`'s report)."""
   model, objective, tx = bench_model(order, shape, students, overrides)
   state, shardings = random_state(model, tx, mesh, shape["image_size"], objective)
   step = make_train_step(model, tx, objective, mesh, shardings, steps_per_epoch=1, epochs=64)
   batch = parallel.global_batch(mesh, host_batch)
-  compiled = step.lower(state, batch).compile()
-  return [compiled, state, batch, model, compiled.memory_analysis().temp_size_in_bytes]
+  compiled, report = compilation.compile_ahead(step, state, batch,
+                                               compiler_options=compiler_options)
+  return [compiled, state, batch, model, report]
+
+
+def variant(text: str) -> tuple[dict, dict]:
+  """`"attention=cudnn,xla_gpu_enable_latency_hiding_scheduler=true"` ->
+  `(config.model overrides, XLA compiler options)`: keys starting `xla_`
+  are XLA's flags, the rest `config.model` fields."""
+  model, options = {}, {}
+  for item in filter(None, text.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"a variant is key=value pairs, got {item!r}")
+    lowered = value.lower()
+    value = (lowered == "true") if lowered in ("true", "false") else value
+    (options if key.startswith("xla_") else model)[key] = value
+  return model, options
 
 
 def _run_steps(run, count):
@@ -129,9 +147,10 @@ def measure(models: dict, shape_name: str, *, rows: int | None = None, rounds: i
             repeats: int = 3, peak: float | None = None,
             profile: tuple[str, str] | None = None,
             overrides: dict | None = None) -> list[dict]:
-  """Times each of `models` (`label: (order, students)`) and returns one row
-  each: median ms, temporaries, FLOPs, TFLOP/s, MFU. `overrides` change
-  `config.model` fields of every model (`bench_model`).
+  """Times each of `models` (`label: (order, students)` or `(order, students,
+  variant)`, a `variant` string of model fields and XLA flags) and returns
+  one row each: median ms, temporaries, FLOPs, TFLOP/s, MFU. `overrides`
+  change `config.model` fields of every model (`bench_model`).
   `profile = (label, directory)` writes a profiler trace of three steps
   (TensorBoard's `*.xplane.pb` and Perfetto's `perfetto_trace.json.gz`)."""
   shape = SHAPES[shape_name]
@@ -139,8 +158,11 @@ def measure(models: dict, shape_name: str, *, rows: int | None = None, rounds: i
   devices = mesh.devices.size
   rows = rows or shape["rows"]
   host = synthetic_batch(rows * devices, shape["image_size"], shape["teacher"])
-  runs = {label: compile_step(order, shape, mesh, host, students, overrides)
-          for label, (order, students) in models.items()}
+  runs = {}
+  for label, (order, students, *extra) in models.items():
+    fields, options = variant(extra[0] if extra else "")
+    runs[label] = compile_step(order, shape, mesh, host, students,
+                               {**(overrides or {}), **fields}, options or None)
   times = {label: [] for label in runs}
   for run in runs.values():
     _run_steps(run, 1)                                   # warm-up
@@ -161,7 +183,7 @@ def measure(models: dict, shape_name: str, *, rows: int | None = None, rounds: i
     total = flops.train_step(run[3], shape["image_size"], rows * devices)["total"]
     achieved = total / (ms / 1e3) / 1e12
     table.append({"model": label, "ms": ms, "rows": rows,
-                  "devices": devices, "temp_mib": run[4] / 2 ** 20,
+                  "devices": devices, "temp_mib": run[4]["temp_bytes"] / 2 ** 20,
                   "tflop_per_step": total / 1e12, "tflops": achieved,
                   "mfu": achieved / (peak * devices) if peak else None})
   return table
@@ -170,6 +192,30 @@ def measure(models: dict, shape_name: str, *, rows: int | None = None, rounds: i
 def order_models(orders) -> dict:
   """Table 5's models: the full model (students, gated fusion) at each order."""
   return {f"order {r}": (r, "both") for r in orders}
+
+
+def variant_models(variants) -> dict:
+  """The order-3 model under each variant (`variant`), an A/B against
+  `order 3` in the same process."""
+  return {f"order 3 [{v}]": (3, "both", v) for v in variants}
+
+
+def measure_memory(shape_name: str, *, rows: int | None = None, steps: int = 2) -> dict:
+  """The order-3 step alone: XLA's predicted peak per device
+  (`compile_ahead`) against the peak the allocator measured over `steps`
+  steps (`peak_bytes_in_use`; None where the backend keeps no statistics,
+  as on the CPU). Run it first in its process: the measured peak is the
+  process's."""
+  shape = SHAPES[shape_name]
+  mesh = parallel.make_mesh()
+  rows = rows or shape["rows"]
+  host = synthetic_batch(rows * mesh.devices.size, shape["image_size"], shape["teacher"])
+  run = compile_step(3, shape, mesh, host)
+  _run_steps(run, steps)
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return {"rows": rows, "devices": mesh.devices.size, "predicted_peak_bytes":
+          run[4].get("peak_bytes"), "measured_peak_bytes": stats.get("peak_bytes_in_use"),
+          "bytes_limit": stats.get("bytes_limit")}
 
 
 # MFU's two models: CLIP's towers alone, and the paper's full order-3 model.
@@ -188,6 +234,16 @@ def add_order_ratios(table) -> list[dict]:
       row.update(ratio=row["ms"] / base, paper_ratio=paper / PAPER_MS[0])
       row["met"] = row["ratio"] <= row["paper_ratio"]
   return table
+
+
+def format_memory(memory: dict) -> str:
+  gib = lambda n: "-" if n is None else f"{n / 2 ** 30:.2f} GiB"
+  line = (f"order-3 step, {memory['rows']} rows x {memory['devices']} devices, per device: "
+          f"predicted peak {gib(memory['predicted_peak_bytes'])}, measured peak "
+          f"{gib(memory['measured_peak_bytes'])} (allocator limit {gib(memory['bytes_limit'])})")
+  if "target" in memory:
+    line += f"; predicted for {memory['target']} {gib(memory['target_peak_bytes'])}"
+  return line
 
 
 def format_table(table, title) -> str:

@@ -45,7 +45,7 @@ ARCHS = {
 # `model_config.json`, and the loader rebuilds the model from that file.
 CONFIG_FIELDS = ("embed_dim", "image_trunk", "text_trunk", "image_student", "text_student",
                  "students", "fusion_mode", "rank_order", "rank_head_dim", "rank_chunk_size",
-                 "scan", "remat", "dtype", "arch")
+                 "scan", "remat", "attention", "dtype", "arch")
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -86,6 +86,8 @@ class DinoRankCLIP(nn.Module):
     scan: every tower and student runs its blocks as one `nn.scan` with
       stacked parameters (False: unrolled; `layers.stack_layers` converts).
     remat: recomputation inside each block, a key of `layers.REMAT_POLICIES`.
+    attention: how the towers' and students' blocks compute attention, a key of
+      `layers.ATTENTION`.
     arch: how the trunks are built, a key of `ARCHS`.
   """
   embed_dim: int = 512
@@ -105,6 +107,7 @@ class DinoRankCLIP(nn.Module):
   eot_id: int = EOT_ID
   scan: bool = True
   remat: str = "none"
+  attention: str = "flax"
   arch: str = "dinorank"
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
@@ -119,7 +122,7 @@ class DinoRankCLIP(nn.Module):
     trunk = ARCHS[self.arch]
     text_trunk = {k: v for k, v in trunk.items() if k in ("activation", "ln_eps")}
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    stack_kw = dict(scan=self.scan, remat=self.remat, **kw)
+    stack_kw = dict(scan=self.scan, remat=self.remat, attention=self.attention, **kw)
     text_kw = dict(vocab_size=self.vocab_size, eot_id=self.eot_id, **stack_kw)
     self.image_tower = ViT(self.image_trunk, self.embed_dim, **trunk, **stack_kw)
     self.text_tower = TextTransformer(self.text_trunk, self.embed_dim, **text_trunk, **text_kw)

@@ -61,7 +61,7 @@ class _TokenEmbedding(nn.Module):
 class TextTransformer(nn.Module):
   """Tokens `[B, L]` -> `embedding` `[B, D]` and `tokens` `[B, L, w]`.
 
-  `scan`, `remat`: how the encoder stacks its blocks (`layers.Encoder`);
+  `scan`, `remat`, `attention`: how the encoder runs its blocks (`layers.Encoder`);
   `activation`, `ln_eps`: the blocks' (`layers.Block`)."""
   variant: str = "B"
   embed_dim: int = 512
@@ -69,6 +69,7 @@ class TextTransformer(nn.Module):
   eot_id: int = EOT_ID
   scan: bool = True
   remat: str = "none"
+  attention: str = "flax"
   activation: str = "gelu_tanh"
   ln_eps: float = DEFAULT_LN_EPS
   dtype: Any = jnp.bfloat16
@@ -79,7 +80,8 @@ class TextTransformer(nn.Module):
     width, depth, heads = text_size(self.variant)
     x = _TokenEmbedding(self.vocab_size, width, self.dtype, self.param_dtype,
                         name="embed")(tokens)
-    x = Encoder(depth, heads, scan=self.scan, remat=self.remat, activation=self.activation,
+    x = Encoder(depth, heads, scan=self.scan, remat=self.remat, attention=self.attention,
+                activation=self.activation,
                 ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                 name="encoder")(x, nn.make_causal_mask(tokens))
     pooled = jnp.take_along_axis(x, eot_index(tokens, self.eot_id)[:, None, None], axis=1)[:, 0]
@@ -91,12 +93,13 @@ class TextTransformer(nn.Module):
 class TextStudent(nn.Module):
   """Tokens `[B, L]` -> `cls` `[B, w]`, `tokens` `[B, L, w]`, `mask` `[B, L]`.
 
-  `scan`, `remat`: how the encoder stacks its blocks (`layers.Encoder`)."""
+  `scan`, `remat`, `attention`: how the encoder runs its blocks (`layers.Encoder`)."""
   variant: str = "Ti"
   vocab_size: int = VOCAB_SIZE
   eot_id: int = EOT_ID
   scan: bool = True
   remat: str = "none"
+  attention: str = "flax"
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
 
@@ -111,6 +114,7 @@ class TextStudent(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, width)).astype(x.dtype), x], axis=1)
     keys = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
     attention_mask = nn.make_attention_mask(jnp.ones_like(keys), keys)
-    x = Encoder(depth, heads, scan=self.scan, remat=self.remat, dtype=self.dtype,
+    x = Encoder(depth, heads, scan=self.scan, remat=self.remat, attention=self.attention,
+                dtype=self.dtype,
                 param_dtype=self.param_dtype, name="encoder")(x, attention_mask)
     return {"cls": x[:, 0], "tokens": x[:, 1:], "mask": mask}

@@ -49,7 +49,7 @@ class ViT(nn.Module):
     variant: e.g. `"B/32"`.
     embed_dim: width of the projected class-token embedding (no bias, as in
       CLIP); None for the students, which return tokens only.
-    scan, remat: how the encoder stacks its blocks (`layers.Encoder`).
+    scan, remat, attention: how the encoder runs its blocks (`layers.Encoder`).
     ln_pre: a LayerNorm between the embeddings and the encoder (CLIP's).
     patch_bias: the patch embedding has a bias (CLIP's has none).
     activation, ln_eps: the blocks' (`layers.Block`).
@@ -58,6 +58,7 @@ class ViT(nn.Module):
   embed_dim: int | None = None
   scan: bool = True
   remat: str = "none"
+  attention: str = "flax"
   ln_pre: bool = False
   patch_bias: bool = True
   activation: str = "gelu_tanh"
@@ -83,7 +84,8 @@ class ViT(nn.Module):
     if self.ln_pre:
       x = nn.LayerNorm(self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="ln_pre")(x)
-    x = Encoder(depth, heads, scan=self.scan, remat=self.remat, activation=self.activation,
+    x = Encoder(depth, heads, scan=self.scan, remat=self.remat, attention=self.attention,
+                activation=self.activation,
                 ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                 name="encoder")(x)
     out = {"cls": x[:, 0], "tokens": x[:, 1:]}

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The whole GPU measurement in one call (docs/performance.md § GPU), sized to
+# finish in about 7 minutes on one H200:
+#   1. versions and the device;
+#   2. the order-3 step alone: XLA's predicted peak per device, the peak the
+#      allocator measured, and the peak predicted for $TARGET from abstract
+#      shapes (the AOT path of `bench --suite compile --target`);
+#   3. the step at orders 0-5 (ratios to order 0 beside the paper's Table 5),
+#      MFU, and the order-3 step with cuDNN attention and with the
+#      latency-hiding scheduler as A/Bs in the same rounds;
+#   4. the rank losses alone at one device's shape (bench.losses).
+# Every suite's numbers are written to $OUT as soon as they are measured.
+#
+#   OUT=results launch/gpu_bench.sh                 # on the GPU machine
+#   DEVICE=cpu ROWS=4 ORDERS=0,3 AB=attention=xla LOSS_SIZES=8x64 TARGET= OUT=/tmp/b \
+#     launch/gpu_bench.sh                          # the same path on a CPU (a test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT to the directory for the results}
+DEVICE=${DEVICE:-gpu}          # the shape: gpu = the paper's per device
+ROWS=${ROWS:-512}              # rows per device
+TARGET=${TARGET-h200}          # the AOT prediction's target ("" = none)
+ROUNDS=${ROUNDS:-2}
+ORDERS=${ORDERS:-0,1,2,3,4,5}
+AB=${AB:-attention=cudnn xla_gpu_enable_latency_hiding_scheduler=true}   # A/Bs of order 3
+LOSS_SIZES=${LOSS_SIZES:-512x4096}   # the losses' ROWSxM, timed and their memory checked
+PYTHON=${PYTHON:-python3}
+# A fresh compilation cache shared by the calls below: the step suite reads
+# the order-3 step the memory suite compiled (compile seconds are not timed).
+CACHE=$(mktemp -d)
+trap 'rm -rf "$CACHE"' EXIT
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+"$PYTHON" - <<'PY' | tee "$OUT/versions.txt"
+import importlib.metadata as md, platform
+import jax
+for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain"):
+  try:
+    print(f"{name} {md.version(name)}")
+  except md.PackageNotFoundError:
+    print(f"{name} not installed")
+print(f"python {platform.python_version()}; backend {jax.default_backend()}; "
+      f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+PY
+[ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
+  --format=csv | tee -a "$OUT/versions.txt" || true
+
+"$PYTHON" -m dinorank_jax.bench --suite memory --device "$DEVICE" --rows "$ROWS" \
+  ${TARGET:+--target "$TARGET"} --compilation_cache "$CACHE" --json "$OUT/memory.json" 2>&1 \
+  | tee "$OUT/memory.log"
+
+"$PYTHON" -m dinorank_jax.bench --suite step,mfu --device "$DEVICE" --rows "$ROWS" \
+  --orders "$ORDERS" --rounds "$ROUNDS" --repeats 3 --compilation_cache "$CACHE" \
+  $(for v in $AB; do echo --ab "$v"; done) --json "$OUT/gpu.json" 2>&1 | tee "$OUT/step.log"
+
+"$PYTHON" -m dinorank_jax.bench.losses --sizes "$LOSS_SIZES" --memory_size "$LOSS_SIZES" \
+  --repeats 3 --json "$OUT/losses.json" 2>&1 | tee "$OUT/losses.log"
