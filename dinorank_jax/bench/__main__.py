@@ -78,7 +78,8 @@ def parse(argv=None):
   p.add_argument("--orders", help="rank orders (default: 0-5 for the step suite, 0,3 for "
                  "the compile suite)")
   p.add_argument("--target", choices=aot.TARGETS, help="compile suite: compile for this GPU "
-                 "from any machine (the gpu-aot extra)")
+                 "from any machine (the gpu-aot extra); memory suite: its predicted peak "
+                 "beside the measured one")
   p.add_argument("--devices", type=int, default=8, help="with --target: GPUs in the mesh")
   p.add_argument("--ab", action="append", default=[], metavar="VARIANT",
                  help="step suite: also time the order-3 step under VARIANT, e.g. "
