@@ -12,8 +12,8 @@
 # Every suite's numbers are written to $OUT as soon as they are measured.
 #
 #   OUT=results launch/gpu_bench.sh                 # on the GPU machine
-#   DEVICE=cpu ROWS=4 ORDERS=0,3 AB=attention=xla LOSS_SIZES=8x64 TARGET= OUT=/tmp/b \
-#     launch/gpu_bench.sh                          # the same path on a CPU (a test)
+#   DEVICE=cpu ROWS=4 ORDERS=0,3 SUITES=step AB=attention=xla LOSS_SIZES=8x64 TARGET= \
+#     OUT=/tmp/b launch/gpu_bench.sh               # the same path on a CPU (a test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the directory for the results}
@@ -21,6 +21,8 @@ DEVICE=${DEVICE:-gpu}          # the shape: gpu = the paper's per device
 ROWS=${ROWS:-512}              # rows per device
 TARGET=${TARGET-h200}          # the AOT prediction's target ("" = none)
 ROUNDS=${ROUNDS:-2}
+REPEATS=${REPEATS:-3}
+SUITES=${SUITES:-step,mfu}     # the timed suites of step 3
 ORDERS=${ORDERS:-0,1,2,3,4,5}
 AB=${AB:-attention=cudnn xla_gpu_enable_latency_hiding_scheduler=true}   # A/Bs of order 3
 LOSS_SIZES=${LOSS_SIZES:-512x4096}   # the losses' ROWSxM, timed and their memory checked
@@ -50,8 +52,8 @@ PY
   ${TARGET:+--target "$TARGET"} --compilation_cache "$CACHE" --json "$OUT/memory.json" 2>&1 \
   | tee "$OUT/memory.log"
 
-"$PYTHON" -m dinorank_jax.bench --suite step,mfu --device "$DEVICE" --rows "$ROWS" \
-  --orders "$ORDERS" --rounds "$ROUNDS" --repeats 3 --compilation_cache "$CACHE" \
+"$PYTHON" -m dinorank_jax.bench --suite "$SUITES" --device "$DEVICE" --rows "$ROWS" \
+  --orders "$ORDERS" --rounds "$ROUNDS" --repeats "$REPEATS" --compilation_cache "$CACHE" \
   $(for v in $AB; do echo --ab "$v"; done) --json "$OUT/gpu.json" 2>&1 | tee "$OUT/step.log"
 
 "$PYTHON" -m dinorank_jax.bench.losses --sizes "$LOSS_SIZES" --memory_size "$LOSS_SIZES" \

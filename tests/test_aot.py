@@ -168,7 +168,7 @@ def test_gpu_bench_script_runs_end_to_end_at_a_tiny_shape(tmp_path):
   target = "h200" if aot.plugin_available() else ""
   out = tmp_path / "out"
   env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "ROWS": "4", "ORDERS": "0,3",
-         "ROUNDS": "1", "AB": "attention=xla,xla_gpu_enable_latency_hiding_scheduler=true",
+         "SUITES": "step", "ROUNDS": "1", "REPEATS": "1", "AB": "attention=xla,xla_gpu_enable_latency_hiding_scheduler=true",
          "LOSS_SIZES": "8x64", "PYTHON": sys.executable, "TARGET": target}
   proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "gpu_bench.sh")], env=env,
                         capture_output=True, text=True, timeout=900)
@@ -181,5 +181,4 @@ def test_gpu_bench_script_runs_end_to_end_at_a_tiny_shape(tmp_path):
   steps = {r["model"]: r for r in json.loads((out / "gpu.json").read_text())["step"]}
   assert set(steps) == {"order 0", "order 3",
                         "order 3 [attention=xla,xla_gpu_enable_latency_hiding_scheduler=true]"}
-  assert json.loads((out / "gpu.json").read_text())["mfu"][1]["model"] == "order 3"
   assert (out / "losses.json").exists()

@@ -83,7 +83,7 @@ def bench_model(order: int, shape: dict, students: str = "both", overrides: dict
   """`(model, objective, tx)` of the paper's config at `order`, resized to
   `shape`, with `overrides` of `config.model` fields (e.g. `scan`, `remat`)."""
   c = config_lib.paper(order=order, students=students)
-  c.model.update(**shape["model"], dtype=shape["dtype"], **(overrides or {}))
+  c.model.update(**{**shape["model"], "dtype": shape["dtype"], **(overrides or {})})
   model = build_model(c, {"vocab_size": VOCAB_SIZE, "eot_id": EOT_ID})
   objective = Objective(**c.objective.to_dict())
   tx = optim.adamw(optim.learning_rate(c.optim.lr, 1, 100), c.optim.weight_decay)
