@@ -5,9 +5,9 @@ follow its sections: `losses.contrastive` (§1), `losses.ranking` (§2-3).
 """
 
 
-def load(directory: str, *, batch_size: int = 256):
-  """An exported model (`python -m dinorank_jax.export`): `encode_image`,
-  `encode_text`. Imported here on first use, so `import dinorank_jax` stays
-  free of JAX."""
+def load(directory: str, *, batch_size: int = 256, dtype: str = "float32"):
+  """An exported model (`python -m dinorank_jax.export`): `preprocess`,
+  `tokenize`, `encode_image`, `encode_text` (`export.ExportedModel`).
+  Imported here on first use, so `import dinorank_jax` stays free of JAX."""
   from dinorank_jax import export
-  return export.load(directory, batch_size=batch_size)
+  return export.load(directory, batch_size=batch_size, dtype=dtype)

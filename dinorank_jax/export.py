@@ -18,11 +18,12 @@ without students or fusion (`dinorank_jax.convert`; docs/interop.md).
 
     import dinorank_jax
     model = dinorank_jax.load("exports/r3")
-    u = model.encode_image(images)       # uint8 [N, H, W, 3], or float in [0, 1]
-    v = model.encode_text(["a photo of a dog", ...])
+    u = model.encode_image(model.preprocess(images))   # PIL images or arrays, any size
+    v = model.encode_text(["a photo of a dog", ...])   # or one string
 
 returns the normalised fused embeddings as float32 NumPy arrays `[N, D]`,
-computed in fixed-size jitted batches (the last one padded).
+computed in float32 (`dtype=`) in fixed-size jitted batches (the last one
+padded).
 """
 
 import argparse
@@ -38,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dinorank_jax import convert, errors
-from dinorank_jax.data import records
+from dinorank_jax.data import records, transform
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH, TextTokenizer
 from dinorank_jax.models import CONFIG_FIELDS, DinoRankCLIP, from_config
 from dinorank_jax.models.layers import stack_layers
@@ -143,6 +144,7 @@ def export(workdir: str, out: str, *, step: int | None = None, data: str | None 
       "model": {**{k: config.model[k] for k in CONFIG_FIELDS if k in config.model},
                 "scan": True, "vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"]},
       "image_size": config.data.image_size,
+      "preprocess": dict(transform.PREPROCESS),
       "tokenizer": meta["tokenizer"],
       "context_length": CONTEXT_LENGTH,
       "source": {"workdir": os.path.abspath(workdir), "step": step,
@@ -204,16 +206,23 @@ def _dummy_inputs(model_config: dict):
 
 
 class ExportedModel:
-  """An exported DinoRankCLIP: `encode_image`, `encode_text`, `logit_scale`, and
-  `image_student_tokens` (the image student's patch tokens, for distillation
-  fidelity) when `has_image_student`."""
+  """An exported DinoRankCLIP, used as open_clip's models are:
+
+      model = dinorank_jax.load("exports/r3")
+      pixels = model.preprocess(images)       # PIL images or arrays, any size, one or many
+      u = model.encode_image(pixels)           # [N, D] unit rows
+      v = model.encode_text(["a dog", "a cat"])  # a list, or one string
+
+  Also `tokenize` (texts -> int32 `[N, 77]`), `logit_scale`, `dtype` (the
+  compute dtype) and `image_student_tokens` (the image student's patch
+  tokens, for distillation fidelity) when `has_image_student`."""
 
   def __init__(self, model: DinoRankCLIP, params: dict, model_config: dict,
                batch_size: int = 256):
     self.model, self.params, self.config = model, params, model_config
     self.image_size, self.batch_size = model_config["image_size"], batch_size
-    name = model_config["tokenizer"]
-    self.tokenizer = TextTokenizer.from_id(name)
+    self.dtype = jnp.dtype(model.dtype).name
+    self.tokenizer = TextTokenizer.from_id(model_config["tokenizer"])
     self.logit_scale = float(jnp.exp(params["logit_scale"]))
     self.has_image_student = model.students != "none"
     self._images = jax.jit(lambda p, x: model.apply(
@@ -233,12 +242,23 @@ class ExportedModel:
       out.append(np.asarray(fn(self.params, padded))[:len(chunk)])
     return np.concatenate(out).astype(np.float32)
 
-  def encode_image(self, images) -> np.ndarray:
-    """uint8 `[N, H, W, 3]` (or float in [0, 1]) -> `[N, D]` unit rows.
+  def preprocess(self, images) -> np.ndarray:
+    """uint8 `[N, S, S, 3]` at the export's side `S`: one image or many (PIL
+    images, encoded bytes, uint8 arrays or float arrays in [0, 1], of any
+    size and mode) through the export's evaluation transform
+    (`data.transform`: shorter side resized, centre square, RGB)."""
+    return transform.preprocess_many(images, self.image_size)
 
-    Images of another square side are resized to the export's (bilinear,
-    antialiased), as the trainer's decoder resizes its crops.
-    """
+  def _pixels(self, images) -> np.ndarray:
+    """`preprocess`'s output as it is; anything else through `preprocess`."""
+    side = self.image_size
+    if (isinstance(images, np.ndarray) and images.ndim == 4
+        and images.shape[1:] == (side, side, 3)):
+      return images.astype(np.float32) * (1.0 if images.dtype == np.uint8 else 255.0)
+    return self.preprocess(images).astype(np.float32)
+
+  def encode_image(self, images) -> np.ndarray:
+    """`preprocess`'s output (or any input it takes) -> `[N, D]` unit rows."""
     return self._batched(self._images, self._pixels(images))
 
   def image_student_tokens(self, images) -> np.ndarray:
@@ -247,20 +267,14 @@ class ExportedModel:
       raise ValueError("this model has no image student (students='none')")
     return self._batched(self._student_tokens, self._pixels(images))
 
-  def _pixels(self, images) -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
-      raise ValueError(f"encode_image takes square RGB images [N, S, S, 3], got {images.shape}")
-    pixels = images.astype(np.float32) * (1.0 if images.dtype == np.uint8 else 255.0)
-    if images.shape[1] != self.image_size:
-      shape = (len(images), self.image_size, self.image_size, 3)
-      pixels = np.asarray(jax.image.resize(pixels, shape, "bilinear", antialias=True))
-    return pixels
+  def tokenize(self, texts: str | list[str]) -> np.ndarray:
+    """One text or a list -> int32 `[N, context_length]`, as in training."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    return np.asarray(self.tokenizer(texts, self.config["context_length"]), np.int32)
 
-  def encode_text(self, texts: list[str]) -> np.ndarray:
-    """Strings -> `[N, D]` unit rows (tokenised as in training)."""
-    tokens = np.asarray(self.tokenizer(list(texts), self.config["context_length"]), np.int32)
-    return self._batched(self._texts, tokens)
+  def encode_text(self, texts: str | list[str]) -> np.ndarray:
+    """One text or a list (a bare string is one text) -> `[N, D]` unit rows."""
+    return self._batched(self._texts, self.tokenize(texts))
 
 
 def read(directory: str) -> tuple[dict, dict]:
@@ -285,10 +299,19 @@ def read(directory: str) -> tuple[dict, dict]:
   return model_config, stack_layers(params)
 
 
-def load(directory: str, *, batch_size: int = 256) -> ExportedModel:
-  """The export at `directory` as an `ExportedModel` (see `read`)."""
+DTYPES = ("float32", "bfloat16")
+
+
+def load(directory: str, *, batch_size: int = 256, dtype: str = "float32") -> ExportedModel:
+  """The export at `directory` as an `ExportedModel` (see `read`), computing
+  in `dtype`: float32 by default, as open_clip evaluates; `bfloat16` (the
+  training dtype of the GPU recipes) is faster and moves embeddings by about
+  1e-2."""
+  if dtype not in DTYPES:
+    raise errors.UserError(f"dtype {dtype!r}: pick one of {', '.join(DTYPES)}")
   model_config, params = read(directory)
-  return ExportedModel(_model(model_config, scan=True), params, model_config, batch_size)
+  return ExportedModel(_model(model_config, scan=True, dtype=dtype), params, model_config,
+                       batch_size)
 
 
 @errors.guard

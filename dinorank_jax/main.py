@@ -3,12 +3,16 @@
     python -m dinorank_jax.main --config configs/r3.py:/data/cc3m --workdir runs/r3
     python -m dinorank_jax.main --config configs/demo.py --workdir runs/demo
 
-Multi-host: `jax.distributed.initialize()` runs when SLURM launched the job
+`--help` lists the flags and every config field with its value (those of
+`--config` when given, else of the paper's recipe); `--print_config` prints
+the resolved config, overrides applied, and exits. Multi-host: `jax.distributed.initialize()` runs when SLURM launched the job
 (detected from its environment) or when `--coordinator_address` is given
 with `--num_processes` and `--process_id`; every process runs this same
 command. On CPU the collectives go through gloo.
 """
 
+import difflib
+import importlib.util
 import logging as std_logging
 import os
 import re
@@ -18,7 +22,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from dinorank_jax import compilation, errors, train
+from dinorank_jax import compilation, config as config_lib, errors, train
 from dinorank_jax.data import records
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/)",
@@ -31,20 +35,86 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "with --coordinator_addre
 _ALLOW_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "resume even though the config changes the model or the "
     "data order (docs/reliability.md)")
-flags.mark_flags_as_required(["config", "workdir"])
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False,
+                                   "print the resolved config (overrides applied) and exit")
+USAGE = ("python -m dinorank_jax.main --config configs/r3.py[:DATA] --workdir DIR "
+         "[--config.FIELD=VALUE ...]")
+HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
+OWN_FLAGS = (_CONFIG, _WORKDIR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _ALLOW_CHANGE,
+             _PRINT_CONFIG)
+
+
+def load_config_file(spec: str):
+  """The config a `--config` value names (`path[:argument]`), loaded as
+  ml_collections loads it: the file's `get_config(argument)`."""
+  path, _, argument = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_dinorank_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(argument) if argument else module.get_config()
+
+
+def _fields(config, prefix: str = "") -> dict:
+  """Every leaf of `config` as `{"a.b.c": value}`."""
+  out = {}
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      out.update(_fields(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def suggest(field: str, config) -> str | None:
+  """The config field a mistyped `field` (`optim.learning_rate`) most likely
+  means: a close spelling, or a field named by the mistake's initials
+  (`lr`), preferring the same section."""
+  fields = list(_fields(config))
+  section, _, name = field.rpartition(".")
+  initials = "".join(w[0] for w in name.split("_") if w)
+
+  def score(candidate: str) -> float:
+    c_section, _, c_name = candidate.rpartition(".")
+    close = 1.0 if c_name == initials and len(initials) > 1 else difflib.SequenceMatcher(
+        None, name, c_name).ratio()
+    return close + (0.25 if c_section == section else 0.0)
+
+  best = max(fields, key=score, default=None)
+  return best if best is not None and score(best) >= 0.75 else None
+
+
+def _help(argv: list[str]) -> str:
+  """`--help`: usage, the flags, and every config field with its value."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None and "--config" in argv[:-1]:
+    spec = argv[argv.index("--config") + 1]
+  config = load_config_file(spec) if spec else config_lib.paper()
+  lines = [f"usage: {USAGE}", "", __doc__.split("\n")[0], "", "flags:"]
+  for flag in OWN_FLAGS:
+    default = "" if flag.default in (None, False) else f" (default {flag.default})"
+    lines.append(f"  --{flag.name}: {flags.FLAGS[flag.name].help}{default}")
+  lines += ["", f"config fields ({spec or 'the paper recipe, configs/r3.py'}), each settable "
+            "as --config.FIELD=VALUE; configs/README.md explains them:"]
+  lines += [f"  {k} = {v!r}" for k, v in _fields(config).items()]
+  return "\n".join(lines)
 
 
 def _flag_error(error: Exception, argv: list[str]) -> str:
   """One line for a command line that does not parse (unknown config field,
   missing config file, bad value)."""
-  message = " ".join(str(error).replace("\\n", " ").replace("\\", "").split()).lstrip("'\"")
-  unknown = re.match(r"'?(\w+)'?\s+Did you mean \"(\w+)\"", message)
+  message = " ".join(str(error).replace("\\n", " ").replace("\\", "").split()).strip("'\"")
+  unknown = re.search(r"flag '?--?config\.([\w.]+)'?", message) or (
+      isinstance(error, (KeyError, AttributeError)) and re.search(r"(\w+)", message))
   if unknown:
-    field, closest = unknown.groups()
-    flag = next((a.split("=")[0] for a in argv if re.search(rf"\.{field}(=|$)", a)), field)
-    return f"unknown config field {flag}: did you mean {flag.rsplit('.', 1)[0]}.{closest}?"
-  if isinstance(error, (KeyError, AttributeError)):
-    return f"unknown config field {message} (see configs/README.md for the fields)"
+    field = next((a[len("--config."):].split("=")[0] for a in argv
+                  if a.startswith("--config.") and a.split("=")[0].endswith(unknown.group(1))),
+                 unknown.group(1))
+    try:
+      closest = suggest(field, load_config_file(_config_path(argv)))
+    except Exception:  # the config file itself is reported by parse_flags
+      closest = None
+    hint = f"did you mean --config.{closest}?" if closest else "see configs/README.md for the fields"
+    return f"unknown config field --config.{field}: {hint} (python -m dinorank_jax.main --help lists them)"
   return message
 
 
@@ -58,7 +128,14 @@ def _config_path(argv: list[str]) -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with every command-line mistake as one line."""
+  """absl's parsing, with every command-line mistake as one line; `--help`
+  prints `_help` and exits 0."""
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    try:
+      print(_help(argv))
+    except Exception as e:  # a config file that does not load
+      sys.exit(f"error: cannot load the config file {_config_path(argv)}: {e}")
+    sys.exit(0)
   try:
     rest = flags.FLAGS(argv)
     _CONFIG.value.keys()   # a config file that failed to load raises on any attribute
@@ -96,6 +173,12 @@ def main(argv):
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   config = _CONFIG.value
+  if _PRINT_CONFIG.value:
+    print(config)
+    return
+  if not _WORKDIR.value:
+    raise errors.UserError("--workdir is required: the run's directory (checkpoints, metrics, "
+                           "config), a new one or one to resume")
   compilation.use_cache(config.compilation_cache)
   metrics = train.train_and_evaluate(config, _WORKDIR.value,
                                      allow_config_change=_ALLOW_CHANGE.value)

@@ -30,9 +30,10 @@ class OneHotModel:
     return np.eye(8, dtype=np.float32)[np.asarray(images)[:, 0, 0, 0] // 40]
 
   def encode_text(self, texts):
+    """A text naming no class (a blank template) embeds to zeros."""
     names = [c.replace("_", " ") for c in CLASSES]
-    return np.eye(8, dtype=np.float32)[[next(i for i, n in enumerate(names) if n in t)
-                                        for t in texts]]
+    return np.eye(9, 8, dtype=np.float32)[[next((i for i, n in enumerate(names) if n in t), 8)
+                                           for t in texts]]
 
 
 def _folder(root, per_class=3, bad=0):
@@ -56,8 +57,8 @@ def test_zero_shot_is_exact_for_identical_embeddings_and_chance_for_random(tmp_p
   model, embedded = OneHotModel(), {"tasks": {"label": names}, "labels": {"label": np.array([3, 1])},
                                     "image": np.eye(8, dtype=np.float32)[[0, 0]]
                                              + 0.5 * np.eye(8, dtype=np.float32)[[1, 1]]}
-  assert suites.zero_shot(model, embedded, ["{}"])["label/top1"] == 0.0     # class 0 wins
-  assert suites.zero_shot(model, embedded, ["{}"], present_only=True)["label/top1"] == 0.5
+  assert suites.zero_shot(model, embedded, ["{c}"])["label/top1"] == 0.0     # class 0 wins
+  assert suites.zero_shot(model, embedded, ["{c}"], present_only=True)["label/top1"] == 0.5
   assert suites.ZERO_SHOT["imagenet_r"].present_only and not suites.ZERO_SHOT["imagenet"].present_only
 
   rng = np.random.default_rng(0)
@@ -126,7 +127,7 @@ def test_modality_gap_cone_numbers_and_gram_fidelity():
 
 def test_prompts_are_clips_80_templates_and_imagenet_names():
   assert len(prompts.imagenet_templates()) == 80
-  assert prompts.imagenet_templates()[0].format("dog") == "a bad photo of a dog."
+  assert prompts.imagenet_templates()[0].format(c="dog") == "a bad photo of a dog."
   assert len(prompts.imagenet_class_names()) == 1000
   assert prompts.class_names(["n01440764", "n01443537"]) == ["tench", "goldfish"]
   assert prompts.class_names(["sea_lion"]) == ["sea lion"]
@@ -134,10 +135,12 @@ def test_prompts_are_clips_80_templates_and_imagenet_names():
   rng, table = np.random.default_rng(0), {}
   unit = lambda x: x / np.linalg.norm(x)
   encode = lambda texts: np.stack([table.setdefault(t, unit(rng.normal(size=4))) for t in texts])
-  got = prompts.class_embeddings(encode, ["cat", "dog"], ("a {}", "the {}", "{}!"))
+  templates = ("a {c}", "the {c}, a {c}", "{c}!")       # {c} as often as a template likes
+  got = prompts.class_embeddings(encode, ["cat", "dog"], templates)
   for row, name in zip(got, ("cat", "dog")):
     np.testing.assert_allclose(
-        row, unit(sum(table[t.format(name)] for t in ("a {}", "the {}", "{}!"))), rtol=1e-6)
+        row, unit(sum(table[t.format(c=name)] for t in templates)), rtol=1e-6)
+  assert "the dog, a dog" in table
 
 
 def _prepare_tfds(data_dir: str, name: str, captions: bool = False):
@@ -256,8 +259,8 @@ def _webdataset(root, *, retrieval=False, per_class=3, shards=2):
     (root / "dataset_type.txt").write_text("retrieval\n")
   else:
     (root / "classnames.txt").write_text("".join(c.replace("_", " ") + "\n" for c in CLASSES))
-    (root / "zeroshot_classification_templates.txt").write_text(
-        "a photo of a {c}.\nitap of the {c}.\n")
+    (root / "zeroshot_classification_templates.txt").write_text(   # a blank line, {c} twice
+        "a photo of a {c}.\n\nitap of the {c}, a {c}.\n")
   return str(root)
 
 
@@ -266,8 +269,10 @@ def test_clip_benchmark_webdatasets_give_zero_shot_and_retrieval(tmp_path):
   result = suites.run(f"wds:{root}", OneHotModel(), str(tmp_path))
   assert result["status"] == "ok" and result["examples"] == 12 and result["skipped"] == 1
   assert result["metrics"]["zero_shot/label/top1"] == 1.0
+  assert result["chance"] == {"zero_shot/label/top1": 0.25, "zero_shot/label/top3": 0.75,
+                              "zero_shot/label/mean_per_class_recall": 0.25}
   split = suites.wds_split(root)
-  assert split.templates == ["a photo of a {}.", "itap of the {}."]
+  assert split.templates == ["a photo of a {c}.", "", "itap of the {c}, a {c}."]   # CLIP_benchmark's
   assert split.tasks == {"label": ["red", "green", "blue", "sea lion"]}
 
   captions = _webdataset(tmp_path / "wds_captions", retrieval=True)
@@ -275,6 +280,11 @@ def test_clip_benchmark_webdatasets_give_zero_shot_and_retrieval(tmp_path):
   assert result["status"] == "ok" and result["examples"] == 4
   assert result["metrics"] == {f"retrieval/{d}_r{k}": 1.0 for d in ("i2t", "t2i")
                                for k in (1, 5, 10)}
+  # Chance: 4 images with 2 captions each; image→text R@1 = 1 - 6/8.
+  assert result["chance"]["retrieval/t2i_r1"] == 0.25 and result["chance"]["retrieval/t2i_r5"] == 1
+  assert result["chance"]["retrieval/i2t_r1"] == pytest.approx(0.25)
+  assert result["chance"]["retrieval/i2t_r5"] == pytest.approx(1 - (6 * 5 * 4 * 3 * 2) / (8 * 7 * 6 * 5 * 4))
+  assert result["ties"] == metrics.TIES
   named = clip_benchmark.records({"models": {"m": {"path": "/m", "suites": {
       f"wds:{root}": {"metrics": {"zero_shot/label/top1": 1.0}}}}}})
   assert named[0]["dataset"] == "wds/wds_colours" and named[0]["metrics"] == {"acc1": 1.0}
@@ -340,10 +350,12 @@ def test_cli_evaluates_the_synthetic_suite_writes_the_report_and_compares(traine
   bench = {(r["dataset"], r["task"]): r for r in
            (json.load(open(root / "report" / f)) for f in results["clip_benchmark"])}
   colour = bench[("synthetic/colour", "zeroshot_classification")]
-  assert set(colour) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+  assert set(colour) == {"dataset", "model", "pretrained", "task", "metrics", "language", "dtype"}
+  assert colour["dtype"] == synthetic["dtype"] == "float32"
   assert colour["metrics"]["acc1"] == found["zero_shot/colour/top1"]
   assert colour["metrics"]["acc5"] == found["zero_shot/colour/top5"]
   assert colour["metrics"]["mean_per_class_recall"] == found["zero_shot/colour/mean_per_class_recall"]
+  assert bench[("synthetic", "zeroshot_retrieval")]["ties"] == metrics.TIES
   retrieval = bench[("synthetic", "zeroshot_retrieval")]["metrics"]
   assert retrieval["text_retrieval_recall@5"] == found["retrieval/i2t_r5"]
   assert retrieval["image_retrieval_recall@5"] == found["retrieval/t2i_r5"]

@@ -7,7 +7,9 @@ teacher fields of CC3M's shapes (14 × 14 × 256 patch grid, 1024-d class token,
 32 × 384 text states), then measures, in one run:
 
 * bare: read each record from the ArrayRecord source, decode the JPEG, random
-  resized crop + flip to `--image_size` — the practical limit;
+  resized crop + flip to `--image_size` — the practical limit; and the same
+  with the JPEG decoded at the reduced DCT scale the pipeline uses (its
+  speed-up over the full decode);
 * pipeline: `data.pipeline.make_dataset` with the same crops plus shuffling,
   the teacher fields and batching, for each `--threads` and `--workers`
   setting (the teacher grid's resampling runs on the device, in the step).
@@ -60,16 +62,21 @@ def write_dataset(directory, num, side, shard_size=512):
                       "shards": [{"file": s["file"], "count": s["count"]} for s in shards]})
 
 
-def bare_loop(directory, image_size) -> float:
-  """Samples/s of read + decode + crop + flip, nothing else."""
+def bare_loop(directory, image_size, draft: bool = False) -> float:
+  """Samples/s of read + decode + crop + flip, nothing else; with `draft`,
+  the JPEG is decoded at the reduced DCT scale the pipeline uses
+  (`pipeline.resized_crop`), else in full."""
   source = grain.sources.ArrayRecordDataSource(records.shard_paths(directory))
   rng = np.random.default_rng(0)
   start = time.perf_counter()
   for i in range(len(source)):
     image = Image.open(io.BytesIO(records.decode_record(source[i])["jpeg"]))
     x0, y0, w, h = pipeline.crop_box(rng, *image.size)
-    out = np.asarray(image.convert("RGB").resize((image_size, image_size), Image.BILINEAR,
-                                                 box=(x0, y0, x0 + w, y0 + h)))
+    if draft:
+      out = pipeline.resized_crop(image, (x0, y0, w, h), image_size)
+    else:
+      out = np.asarray(image.convert("RGB").resize((image_size, image_size), Image.BILINEAR,
+                                                   box=(x0, y0, x0 + w, y0 + h)))
     if rng.integers(2):
       out = out[:, ::-1]
   return len(source) / (time.perf_counter() - start)
@@ -95,13 +102,16 @@ def run(*, num_records=2048, stored_side=256, image_size=224, batch_size=64,
     write_dataset(directory, num_records, stored_side)
     for path in records.shard_paths(directory):
       records.read_shard(path)                     # warm the page cache
-    rates = {"bare": []} | {s: [] for s in settings}
+    rates = {"bare": [], "draft": []} | {s: [] for s in settings}
     for _ in range(rounds):
       rates["bare"].append(bare_loop(directory, image_size))
+      rates["draft"].append(bare_loop(directory, image_size, draft=True))
       for s in settings:
         rates[s].append(pipeline_loop(directory, image_size, batch_size, *s))
   bare = statistics.median(rates["bare"])
-  table = [{"loop": "bare decode + crop, 1 thread", "samples_s": bare, "of_bare": 1.0}]
+  draft = statistics.median(rates["draft"])
+  table = [{"loop": "bare decode + crop, 1 thread", "samples_s": bare, "of_bare": 1.0},
+           {"loop": "bare, JPEG draft scale", "samples_s": draft, "of_bare": draft / bare}]
   for threads, workers in settings:
     rate = statistics.median(rates[(threads, workers)])
     table.append({"loop": f"pipeline, {threads} threads, {workers} workers", "samples_s": rate,

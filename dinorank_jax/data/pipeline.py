@@ -38,7 +38,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-from dinorank_jax.data import records
+from dinorank_jax.data import records, transform
 
 
 def crop_box(rng: np.random.Generator, width: int, height: int,
@@ -54,6 +54,20 @@ def crop_box(rng: np.random.Generator, width: int, height: int,
       return rng.uniform(0, width - w), rng.uniform(0, height - h), w, h
   side = min(width, height)
   return (width - side) / 2, (height - side) / 2, side, side
+
+
+def resized_crop(image: Image.Image, box, side: int) -> np.ndarray:
+  """uint8 `[side, side, 3]`: the crop `box` = `(x0, y0, w, h)` (pixels) of
+  `image`, resized bilinearly. A JPEG is decoded at the coarsest DCT scale
+  (1/2, 1/4 or 1/8) that still gives the crop at least `side` pixels each way;
+  the scaled image's sides are each rounded up from the scale separately, so
+  the box is mapped per axis."""
+  x0, y0, w, h = box
+  width, height = image.size
+  image.draft("RGB", (side * width / w, side * height / h))
+  sx, sy = image.size[0] / width, image.size[1] / height
+  box = (x0 * sx, y0 * sy, min((x0 + w) * sx, image.size[0]), min((y0 + h) * sy, image.size[1]))
+  return np.asarray(image.convert("RGB").resize((side, side), Image.BILINEAR, box=box))
 
 
 MIN_SEEN = 1000         # records seen before the skipped fraction is judged
@@ -94,7 +108,8 @@ class Decode(grain.transforms.Map):
   With `augment`, the random resized crop and flip are drawn from
   `(seed, position)`: the same record at the same place of the global stream
   gets the same augmentation however many processes read it. Without, the
-  example is the centre square, unflipped (evaluation). With `syn_captions`,
+  example is `transform.preprocess`'s (evaluation: shorter side resized
+  bicubic, centre square), unflipped. With `syn_captions`,
   the example carries the record's `syn_tokens` (ALIP); a record without
   them is skipped.
   """
@@ -132,20 +147,15 @@ class Decode(grain.transforms.Map):
     width, height = image.size
     if self.augment:
       rng = np.random.default_rng([self.seed, position])
-      box, flip = crop_box(rng, width, height, self.crop_scale), bool(rng.integers(2))
+      (x0, y0, w, h), flip = crop_box(rng, width, height, self.crop_scale), bool(rng.integers(2))
+      pixels = resized_crop(image, (x0, y0, w, h), self.image_size)
+      crop = (x0 / width, y0 / height, w / width, h / height)
     else:
-      side = min(width, height)
-      box, flip = ((width - side) / 2, (height - side) / 2, side, side), False
-    x0, y0, w, h = box
-    image.draft("RGB", (self.image_size * width / w, self.image_size * height / h))
-    shrink = image.size[0] / width            # JPEG DCT scaling, if draft applied
-    image = image.convert("RGB").resize(
-        (self.image_size, self.image_size), Image.BILINEAR,
-        box=(x0 * shrink, y0 * shrink, (x0 + w) * shrink, (y0 + h) * shrink))
-    pixels = np.asarray(image)
+      pixels, flip = transform.preprocess(image, self.image_size), False
+      crop = transform.crop_fraction(width, height, self.image_size)
     example = {"image": pixels[:, ::-1] if flip else pixels,
                "tokens": np.asarray(record["tokens"], np.int32),
-               "crop": np.asarray([x0 / width, y0 / height, w / width, h / height], np.float32),
+               "crop": np.asarray(crop, np.float32),
                "flip": np.asarray(flip)}
     if self.syn_captions:
       example["syn_tokens"] = np.asarray(record["syn_tokens"], np.int32)

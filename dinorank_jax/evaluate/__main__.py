@@ -18,10 +18,10 @@ from dinorank_jax.evaluate import metrics, report, suites
 
 
 def evaluate_models(paths: list[str], names: list[str], data_dir: str, *, batch_size: int,
-                    probe_limit: int, log=print) -> dict:
+                    probe_limit: int, dtype: str = "float32", log=print) -> dict:
   models = {}
   for path in paths:
-    model = export.load(path, batch_size=batch_size)
+    model = export.load(path, batch_size=batch_size, dtype=dtype)
     name = os.path.basename(os.path.normpath(path))
     entry = {"path": os.path.abspath(path), "model": model.config, "suites": {}}
     for suite in names:
@@ -31,7 +31,12 @@ def evaluate_models(paths: list[str], names: list[str], data_dir: str, *, batch_
                                             probe_limit=probe_limit)
       except metrics.InvalidEmbeddings as e:
         raise errors.UserError(f"{name}: suite {suite}: {e}") from None
-      log(f"{name}: {suite}: {entry['suites'][suite]['status']}")
+      result = entry["suites"][suite]
+      if result["status"] == "ok":
+        result["dtype"] = model.dtype
+        log(f"{name}: {suite}: ok, {result['examples']} examples, {result['skipped']} skipped")
+      else:
+        log(f"{name}: {suite}: {result['status']}")
     models[name] = entry
   return {"models": models, "data_dir": os.path.abspath(data_dir), "suites": names}
 
@@ -46,7 +51,10 @@ def main(argv=None):
   p.add_argument("--data_dir", default="data", help="where datasets are looked for")
   p.add_argument("--out", required=True, help="report directory to write")
   p.add_argument("--compare", nargs="+", metavar="REPORT", help="earlier report directories")
-  p.add_argument("--batch_size", type=int, default=256)
+  p.add_argument("--batch_size", type=int, default=256, help="images or texts per jitted call")
+  p.add_argument("--dtype", default="float32", choices=export.DTYPES,
+                 help="compute dtype of the towers (float32, as open_clip and CLIP_benchmark "
+                      "evaluate; bfloat16 is faster and moves embeddings by about 1e-2)")
   p.add_argument("--probe_limit", type=int, default=suites.PROBE_LIMIT,
                  help="training examples a linear probe embeds at most")
   compilation.add_cache_flags(p)
@@ -68,7 +76,7 @@ def main(argv=None):
               "--workdir RUN --out DIR")
     results = evaluate_models(args.model.split(","), names, args.data_dir,
                               batch_size=args.batch_size, probe_limit=args.probe_limit,
-                              log=lambda s: print(s, file=sys.stderr))
+                              dtype=args.dtype, log=lambda s: print(s, file=sys.stderr))
   results = report.write(results, args.out)
   print(report.markdown(results))
   if not args.compare:

@@ -5,7 +5,8 @@ CLIP_benchmark writes one JSON per (model, dataset, task):
 `acc1`, `acc5`, `mean_per_class_recall` for `zeroshot_classification` and
 `image_retrieval_recall@k` (a caption retrieves its image: our `t2i_r{k}`)
 and `text_retrieval_recall@k` (an image retrieves a caption: our `i2t_r{k}`)
-for `zeroshot_retrieval`. `records(results)` turns one evaluation's
+for `zeroshot_retrieval`. Each record also names the compute `dtype` and,
+for retrieval, the tie rule (`metrics.TIES`). `records(results)` turns one evaluation's
 `results.json` into those records; `write` saves them as
 `OUT/clip_benchmark/<model>__<dataset>__<task>.json`. Our own names stay in
 `results.json` and the report (they read better beside the paper's tables);
@@ -51,7 +52,10 @@ def records(results: dict) -> list[dict]:
         key = (model, dataset, task)
         record = out.setdefault(key, {"dataset": dataset, "model": model,
                                       "pretrained": entry["path"], "task": task,
-                                      "metrics": {}, "language": "en"})
+                                      "metrics": {}, "language": "en",
+                                      "dtype": result.get("dtype")})
+        if task == "zeroshot_retrieval":
+          record["ties"] = result.get("ties")
         record["metrics"][name] = value
   return list(out.values())
 

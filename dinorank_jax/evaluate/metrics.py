@@ -8,6 +8,8 @@ with several positives is a hit at k when any of them is among its first k
 finite or have zero norm are an error (`InvalidEmbeddings`), never a score.
 
 * `zero_shot`: top-k accuracy and mean per-class recall.
+* `zero_shot_chance`, `retrieval_chance`: what a random ranking scores on
+  average, printed beside each number.
 * `retrieval`: image→text and text→image recall@k with any number of
   captions per image (MSCOCO has five).
 * `modality_gap`: Liang et al.'s gap (the distance between the image and
@@ -20,12 +22,16 @@ finite or have zero norm are an error (`InvalidEmbeddings`), never a score.
   `gram_rel` loss minimises, `‖G_s − G_t‖_F² / n`.
 """
 
+import math
+
 import numpy as np
 
 from dinorank_jax.errors import UserError
 from dinorank_jax.losses.distill import gram_matrix
 
 CHUNK = 2048
+TIES = ("pessimistic: a candidate scoring equal to the positive counts as ranked before it "
+        "(CLIP_benchmark's torch.topk breaks such ties arbitrarily)")
 
 
 class InvalidEmbeddings(UserError, ValueError):
@@ -89,6 +95,24 @@ def retrieval(image: np.ndarray, text: np.ndarray, text_image: np.ndarray,
   i2t, t2i = np.concatenate(i2t), np.concatenate(t2i)
   return {**{f"i2t_r{k}": float(np.mean(i2t < k)) for k in ks},
           **{f"t2i_r{k}": float(np.mean(t2i < k)) for k in ks}}
+
+
+def zero_shot_chance(num_classes: int, ks=(1, 3, 5)) -> dict[str, float]:
+  """A random ranking of `num_classes` classes: top-k is `k / C`."""
+  out = {f"top{k}": k / num_classes for k in ks if k <= num_classes}
+  out["mean_per_class_recall"] = 1 / num_classes
+  return out
+
+
+def retrieval_chance(captions_per_image, ks=(1, 5, 10)) -> dict[str, float]:
+  """A random ranking: a caption finds its one image among `N` in the first k
+  with chance `k / N`; image i finds one of its `m_i` captions among all `T`
+  with chance `1 − C(T − m_i, k) / C(T, k)`, averaged over the images."""
+  m = np.asarray(captions_per_image, np.int64)
+  total, n = int(m.sum()), len(m)
+  miss = lambda m_i, k: math.prod((total - m_i - j) / (total - j) for j in range(min(k, total)))
+  return {**{f"i2t_r{k}": float(np.mean([1 - miss(int(m_i), k) for m_i in m])) for k in ks},
+          **{f"t2i_r{k}": min(k / n, 1.0) for k in ks}}
 
 
 def _cone(x: np.ndarray) -> float:

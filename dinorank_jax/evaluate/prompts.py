@@ -19,7 +19,7 @@ import numpy as np
 from dinorank_jax.data.tokenizer import open_clip_file
 
 # The synthetic corpus's captions are short noun phrases.
-SYNTHETIC_TEMPLATES = ("a {}", "a picture of a {}")
+SYNTHETIC_TEMPLATES = ("a {c}", "a picture of a {c}")
 
 
 @functools.cache
@@ -32,8 +32,8 @@ def _open_clip_metadata():
 
 
 def imagenet_templates() -> tuple[str, ...]:
-  """CLIP's 80 ImageNet prompt templates, as `str.format` patterns with `{}`."""
-  return tuple(t("{}") for t in _open_clip_metadata().OPENAI_IMAGENET_TEMPLATES)
+  """CLIP's 80 ImageNet prompt templates, as `str.format` patterns with `{c}`."""
+  return tuple(t("{c}") for t in _open_clip_metadata().OPENAI_IMAGENET_TEMPLATES)
 
 
 def imagenet_class_names() -> tuple[str, ...]:
@@ -60,8 +60,11 @@ def class_names(labels: list[str]) -> list[str]:
 
 
 def class_embeddings(encode_text, names, templates) -> np.ndarray:
-  """`[C, D]` unit rows: each class's mean normalised prompt embedding, renormalised."""
-  prompts = [t.format(n) for n in names for t in templates]
+  """`[C, D]` unit rows: each class's mean normalised prompt embedding,
+  renormalised. A template names its class as `{c}`, as often as it likes
+  (`template.format(c=name)`, CLIP_benchmark's rule; a blank template is an
+  empty prompt, as there)."""
+  prompts = [t.format(c=n) for n in names for t in templates]
   x = np.asarray(encode_text(prompts), np.float32).reshape(len(names), len(templates), -1)
   x = x.mean(axis=1)
   return x / np.linalg.norm(x, axis=1, keepdims=True)

@@ -1,6 +1,7 @@
 """The report of an evaluation: `results.json` (every number), `report.md`
-(tables laid out like the paper's Tables 1–3, plus the synthetic, gap and
-fidelity numbers) and PNG figures, all drawn from the JSON alone so that
+(tables laid out like the paper's Tables 1–3, then every suite that ran:
+its examples, skipped examples, compute dtype, each metric group with the
+chance level beside it, and the retrieval tie rule) and PNG figures, all drawn from the JSON alone so that
 `--compare` can put earlier evaluations side by side without a model.
 
 Figures: `order_sweep.png` (zero-shot top-1 against the rank order R of each
@@ -77,30 +78,38 @@ def _paper_tables(models: dict) -> list[str]:
   return lines
 
 
-def _group_tables(models: dict) -> list[str]:
-  """Every metric of the records-based suites (synthetic, records:…), one table per suite."""
+GROUPS = ("zero_shot", "retrieval", "probe", "gap", "fidelity")
+
+
+def _suite_tables(models: dict) -> list[str]:
+  """Every suite that ran: what it read (examples, skipped, dtype) and each
+  group of its metrics, one row per model and a last row of chance levels."""
   lines = []
-  suites = sorted({s for m in models.values() for s, r in m["suites"].items()
-                   if r.get("status") == "ok" and (s == "synthetic" or s.startswith("records:"))})
+  suites = list(dict.fromkeys(s for m in models.values() for s, r in m["suites"].items()
+                              if r.get("status") == "ok"))
   for suite in suites:
-    for group in ("zero_shot", "retrieval", "probe", "gap", "fidelity"):
-      keys = list(dict.fromkeys(k for m in models.values()
-                                for k in m["suites"].get(suite, {}).get("metrics", {})
-                                if k.startswith(group + "/") and not k.endswith(("/l2", "/val_top1"))))
+    ran = {name: m["suites"][suite] for name, m in models.items()
+           if m["suites"].get(suite, {}).get("status") == "ok"}
+    lines += [f"## {suite}", "", *(
+        f"- {name}: {r['source']}; {r['examples']} examples, {r['skipped']} skipped; computed "
+        f"in {r.get('dtype', 'an unrecorded dtype')}" for name, r in ran.items())]
+    ties = next((r["ties"] for r in ran.values() if "ties" in r), None)
+    lines += [f"- retrieval ties: {ties}" if ties else "", ""]
+    for group in GROUPS:
+      keys = list(dict.fromkeys(k for r in ran.values() for k in r["metrics"]
+                                if k.startswith(group + "/")
+                                and not k.endswith(("/l2", "/val_top1"))))
       if not keys:
         continue
       percent = group in ("zero_shot", "retrieval", "probe")
-      rows = [[name, *(("–" if v is None else (f"{100 * v:.2f}" if percent else f"{v:.4f}"))
-                       for v in (_metric(m, suite, k) for k in keys))] for name, m in models.items()]
+      cell = lambda v: "–" if v is None else (f"{100 * v:.2f}" if percent else f"{v:.4f}")
+      rows = [[name, *(cell(r["metrics"].get(k)) for k in keys)] for name, r in ran.items()]
+      chance = {k: v for r in ran.values() for k, v in r.get("chance", {}).items()}
+      if any(k in chance for k in keys):
+        rows.append(["chance", *(cell(chance.get(k)) for k in keys)])
       unit = " (%)" if percent else ""
-      lines += _table(f"{suite}: {group}{unit}", ["Method", *(k[len(group) + 1:] for k in keys)], rows)
-  gap_rows = [[name, suite, *(f"{m['suites'][suite]['metrics'][f'gap/{k}']:.4f}" for k in
-                              ("gap", "cone_image", "cone_text", "cross_cosine", "matched_cosine"))]
-              for name, m in models.items() for suite in ("gap",)
-              if m["suites"].get(suite, {}).get("status") == "ok"]
-  if gap_rows:
-    lines += _table("Modality gap (MSCOCO 5k val)", ["Method", "suite", "gap", "cone image",
-                                                     "cone text", "image·text", "matched"], gap_rows)
+      lines += _table(f"{suite}: {group}{unit}", ["Method", *(k[len(group) + 1:] for k in keys)],
+                      rows)
   return lines
 
 
@@ -112,7 +121,7 @@ def markdown(results: dict) -> str:
     origin = (f"imported from {source['checkpoint']}" if "checkpoint" in source   # convert
               else f"step {source.get('step', '?')}, rank order {source.get('rank_order', '?')}")
     lines.append(f"- **{name}**: {m.get('path', '')} ({origin})")
-  lines += ["", *_paper_tables(models), *_group_tables(models)]
+  lines += ["", *_paper_tables(models), *_suite_tables(models)]
   skipped = [f"- {name} / {suite}: {r['status']}" for name, m in models.items()
              for suite, r in m["suites"].items() if r.get("status") != "ok"]
   if skipped:

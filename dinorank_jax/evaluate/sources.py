@@ -4,7 +4,8 @@ A `Split` has `size` examples, `tasks` (task → class names) and
 `read(indices, side)`, which decodes the examples on a thread pool (PIL
 releases the GIL) and returns
 
-    image     uint8 [n, side, side, 3]: the centre square, resized (bilinear)
+    image     uint8 [n, side, side, 3]: `data.transform.preprocess`'s (the
+              shorter side resized bicubic, the centre square; open_clip's)
     valid     bool [n]: False for an example that could not be decoded
     labels    {task: int [n]}          (labelled sources; -1 where unknown)
     captions  [[str, ...], ...]         (captioned sources; one list per image)
@@ -46,7 +47,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from dinorank_jax.data import records
+from dinorank_jax.data import records, transform
 from dinorank_jax.data.pipeline import Decode, RecordSource
 from dinorank_jax.evaluate.prompts import class_names
 
@@ -94,14 +95,6 @@ def _blank_like(value):
   return [] if isinstance(value, list) else np.zeros_like(value)
 
 
-def square(image: Image.Image, side: int) -> np.ndarray:
-  """The centre square of `image`, resized to `side` (as the trainer's evaluation decodes)."""
-  width, height = image.size
-  s = min(width, height)
-  box = ((width - s) / 2, (height - s) / 2, (width + s) / 2, (height + s) / 2)
-  return np.asarray(image.convert("RGB").resize((side, side), Image.BILINEAR, box=box))
-
-
 def records_split(directory: str) -> Split:
   try:
     meta = records.read_metadata(directory)
@@ -141,7 +134,7 @@ def folder_split(root: str) -> Split:
     path, label = files[i]
     try:
       with Image.open(path) as image:
-        return {"image": square(image, side), "labels": {"label": label}}
+        return {"image": transform.preprocess(image, side), "labels": {"label": label}}
     except Exception:  # an unreadable file is skipped and counted, never fatal
       return {}
 
@@ -178,7 +171,8 @@ def tfds_split(data_dir: str, name: str, split: str) -> Split:
   def example(i, side):
     try:
       found = source[i]
-      out = {"image": square(Image.fromarray(np.asarray(found["image"]).squeeze()), side),
+      out = {"image": transform.preprocess(
+          Image.fromarray(np.asarray(found["image"]).squeeze()), side),
              "labels": {t: int(found[t]) for t in tasks}}
     except Exception:  # an undecodable example is skipped and counted, never fatal
       return {}
@@ -264,7 +258,7 @@ def wds_split(root: str, split: str = "test") -> Split:
     try:
       image = _read_at(*next(item[e] for e in WDS_IMAGES if e in item))
       with Image.open(io.BytesIO(image)) as opened:
-        out = {"image": square(opened, side)}
+        out = {"image": transform.preprocess(opened, side)}
       if retrieval:
         out["captions"] = _read_at(*item["txt"]).decode("utf-8").splitlines()
       else:
@@ -275,5 +269,4 @@ def wds_split(root: str, split: str = "test") -> Split:
 
   return Split(f"webdataset {root} ({split})", len(items), example,
                {} if retrieval else {"label": [c.strip() for c in classes]},
-               [t.strip().replace("{c}", "{}") for t in templates.splitlines() if t.strip()]
-               if templates else None)
+               [t.strip() for t in templates.splitlines()] if templates is not None else None)

@@ -284,7 +284,8 @@ def run(name: str, model, data_dir: str, *, batch_size: int = 256,
       dataset = ZERO_SHOT[name]
       embedded = embed_split(model, find(dataset, data_dir, "test"), batch_size=batch_size)
       return _ok(embedded, _prefixed("zero_shot", zero_shot(
-          model, embedded, imagenet_templates(), present_only=dataset.present_only)))
+          model, embedded, imagenet_templates(), present_only=dataset.present_only)),
+          present_only=dataset.present_only)
     if name.startswith("folder:"):
       embedded = embed_split(model, folder_split(name[len("folder:"):]), batch_size=batch_size)
       return _ok(embedded, _prefixed("zero_shot", zero_shot(model, embedded, imagenet_templates())))
@@ -324,6 +325,26 @@ def _prefixed(group: str, found: dict) -> dict:
   return {f"{group}/{k}": v for k, v in found.items()}
 
 
-def _ok(embedded: dict, found: dict, plots: dict | None = None) -> dict:
-  return {"status": "ok", "source": embedded["source"], "examples": int(len(embedded["image"])),
-          "skipped": int(embedded["skipped"]), "metrics": found, "plots": plots or {}}
+def chance(embedded: dict, found: dict, *, present_only: bool = False) -> dict[str, float]:
+  """What a random ranking scores on average, for each zero-shot, probe and
+  retrieval number of `found` (probes: one over the classes, for top-1)."""
+  levels = {}
+  for task, names in embedded["tasks"].items():
+    labels = embedded["labels"][task]
+    competing = len(np.unique(labels[labels >= 0])) if present_only else len(names)
+    levels.update(_prefixed(f"zero_shot/{task}", metrics.zero_shot_chance(competing)))
+    levels[f"probe/{task}/top1"] = 1 / len(names)
+  if "captions" in embedded:
+    levels.update(_prefixed("retrieval", metrics.retrieval_chance(
+        [len(c) for c in embedded["captions"]])))
+  return {k: v for k, v in levels.items() if k in found}
+
+
+def _ok(embedded: dict, found: dict, plots: dict | None = None, *,
+        present_only: bool = False) -> dict:
+  out = {"status": "ok", "source": embedded["source"], "examples": int(len(embedded["image"])),
+         "skipped": int(embedded["skipped"]), "metrics": found,
+         "chance": chance(embedded, found, present_only=present_only), "plots": plots or {}}
+  if any(k.startswith("retrieval/") for k in found):
+    out["ties"] = metrics.TIES
+  return out
