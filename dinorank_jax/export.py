@@ -164,7 +164,7 @@ def export(workdir: str, out: str, *, step: int | None = None, data: str | None 
       convert.write_open_clip(directory, state, config,
                               convert.open_clip_preprocess(model_config), name)
     else:
-      convert.write_hf(directory, state, config)
+      convert.write_hf(directory, state, config, convert.hf_preprocessor(model_config))
     note = convert.students_left_behind(model_config)
     if note:
       logging.warning("--format %s: %s", fmt, note)

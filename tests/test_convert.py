@@ -251,6 +251,37 @@ def test_import_then_export_gives_back_the_transformers_state_dict_bit_for_bit()
   assert config["vision_config"]["hidden_act"] == "gelu"
 
 
+@pytest.mark.parametrize("arch", ["openai", "open_clip", "dinorank"])
+def test_our_open_clip_and_hf_exports_import_back_with_the_same_embeddings(arch, tmp_path):
+  """`export --format open_clip|hf`, then `convert import` of that directory:
+  the arch comes from the exported config (ours has no `ln_pre` and a tanh
+  GELU, which a bare state dict cannot say), the embeddings are the export's."""
+  model_config, params = _our_clip(arch)
+  model_config["source"] = {"test": arch}
+  from dinorank_jax import export
+  export.write(str(tmp_path / "ours"), model_config, params)
+  pixels, tokens = _inputs()
+  texts = ["a photo of a dog", "two cats on a red sofa", "x"]
+  original = dinorank_jax.load(str(tmp_path / "ours"))
+  images = (np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3))).astype(np.uint8)
+  formats = ["open_clip"] + (["hf"] if arch != "dinorank" else [])
+  for fmt in formats:
+    state, config = export.clip_checkpoint(fmt, original.config, original.params)
+    directory = tmp_path / fmt
+    if fmt == "open_clip":
+      convert.write_open_clip(str(directory), state, config,
+                              convert.open_clip_preprocess(original.config), "dinorank-test")
+    else:
+      convert.write_hf(str(directory), state, config, convert.hf_preprocessor(original.config))
+    # --from open_clip for every arch: the config beside the weights decides.
+    convert_main(["import", "--from", "hf" if fmt == "hf" else "open_clip",
+                  "--checkpoint", str(directory), "--out", str(tmp_path / f"back_{fmt}")])
+    back = dinorank_jax.load(str(tmp_path / f"back_{fmt}"))
+    assert back.config["model"]["arch"] == arch and back.config["image_size"] == 16
+    _close(back.encode_image(images), original.encode_image(images))
+    _close(back.encode_text(texts), original.encode_text(texts))
+
+
 # -------------------------------------------------------------- files, command
 
 

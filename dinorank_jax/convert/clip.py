@@ -21,6 +21,7 @@ import numpy as np
 
 from dinorank_jax.convert.layout import (ConversionError, Dims, Tower, rules, size_name, to_ours,
                                          to_theirs, tower)
+from dinorank_jax.data import transform
 from dinorank_jax.data.tokenizer import CLIP_BPE_ID, CONTEXT_LENGTH
 from dinorank_jax.models.dinorankclip import ARCHS
 from dinorank_jax.models.text import TEXT_SIZES, text_size
@@ -53,7 +54,8 @@ def model_config(d: Dims, arch: str, source: dict) -> dict:
                                             "the text tower"),
                     "students": "none", "rank_order": 0, "arch": arch, "scan": True,
                     "dtype": "float32", "vocab_size": d.vocab, "eot_id": d.vocab - 1},
-          "image_size": d.patch * d.grid, "tokenizer": CLIP_BPE_ID,
+          "image_size": d.patch * d.grid, "preprocess": dict(transform.PREPROCESS),
+          "tokenizer": CLIP_BPE_ID,
           "context_length": CONTEXT_LENGTH, "source": source}
 
 
@@ -67,13 +69,26 @@ def dims(model_config_: Mapping) -> Dims:
               embed=m["embed_dim"])
 
 
+def open_clip_arch(model_cfg: Mapping) -> str:
+  """The arch (`ARCHS`) of an open_clip model config: quick GELU is OpenAI's;
+  no `ln_pre` with a tanh GELU is ours (as `to_open_clip` writes it); else
+  open_clip's exact GELU."""
+  vision = model_cfg.get("vision_cfg", {})
+  if model_cfg.get("quick_gelu"):
+    return "openai"
+  if vision.get("no_ln_pre") or vision.get("act_kwargs", {}).get("approximate") == "tanh":
+    return "dinorank"
+  return "open_clip"
+
+
 def from_open_clip(state: Mapping[str, np.ndarray], arch: str,
                    source: dict | None = None) -> tuple[dict, dict]:
   """An open_clip or OpenAI state dict -> `(model_config, params)`; `arch`
-  (`openai`: quick GELU, `open_clip`: exact GELU) is not in the weights."""
-  if arch not in ("openai", "open_clip"):
-    raise ConversionError(f"an open_clip/OpenAI checkpoint's trunks are 'openai' (quick GELU) "
-                          f"or 'open_clip' (exact GELU), not {arch!r}")
+  (`openai`: quick GELU, `open_clip`: exact GELU, `dinorank`: our own trunks
+  as `to_open_clip` wrote them) is not in the weights."""
+  if arch not in ARCHS:
+    raise ConversionError(f"an open_clip/OpenAI checkpoint's trunks are 'openai' (quick GELU), "
+                          f"'open_clip' (exact GELU) or 'dinorank' (ours), not {arch!r}")
   width, _, patch, _ = _shape(state, "visual.conv1.weight")
   tokens = _shape(state, "visual.positional_embedding")[0]
   grid = math.isqrt(tokens - 1)
@@ -89,7 +104,10 @@ def from_open_clip(state: Mapping[str, np.ndarray], arch: str,
            vocab=vocab, context=_shape(state, "positional_embedding")[0],
            embed=_shape(state, "text_projection")[1])
   config = model_config(d, arch, {"format": "open_clip", **(source or {})})
-  return config, to_ours(state, rules("open_clip", d))
+  params = to_ours(state, rules("open_clip", d, ln_pre=ARCHS[arch]["ln_pre"]))
+  if ARCHS[arch]["patch_bias"]:     # folded into the positions on export: zero here
+    params["image_tower"]["patch_embed"]["bias"] = np.zeros(width, np.float32)
+  return config, params
 
 
 def from_hf(state: Mapping[str, np.ndarray], config: Mapping,
@@ -177,8 +195,25 @@ def to_open_clip(model_config_: Mapping, params: Mapping) -> tuple[dict, dict]:
 
 
 def open_clip_preprocess(model_config_: Mapping) -> dict:
-  """open_clip's `preprocess_cfg`: our input side and CLIP's normalisation."""
-  return {"size": model_config_["image_size"], "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD)}
+  """open_clip's `preprocess_cfg`: our input side, CLIP's normalisation and
+  the whole evaluation transform (`data.transform`), stated rather than
+  left to open_clip's defaults."""
+  return {"size": model_config_["image_size"], "mode": "RGB", "mean": list(IMAGE_MEAN),
+          "std": list(IMAGE_STD), **transform.PREPROCESS, "fill_color": 0}
+
+
+def hf_preprocessor(model_config_: Mapping) -> dict:
+  """transformers' `preprocessor_config.json` (a `CLIPImageProcessor`) with
+  the same steps: shorter side resized bicubic (`resample` 3), centre crop,
+  RGB, CLIP's normalisation. Its centre crop rounds the offset down where
+  ours rounds half to even, so the two may differ by a pixel's shift on
+  images whose resized side has odd slack."""
+  side = model_config_["image_size"]
+  return {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+          "size": {"shortest_edge": side}, "resample": 3, "do_center_crop": True,
+          "crop_size": {"height": side, "width": side}, "do_rescale": True,
+          "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(IMAGE_MEAN),
+          "image_std": list(IMAGE_STD), "do_convert_rgb": True}
 
 
 def to_hf(model_config_: Mapping, params: Mapping) -> tuple[dict, dict]:

@@ -22,6 +22,7 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_CONFIG = "config.json"
+HF_PREPROCESSOR = "preprocessor_config.json"
 
 
 def weights_path(path: str) -> str:
@@ -75,6 +76,20 @@ def read_hf_config(path: str) -> dict:
     return json.load(f)
 
 
+def read_open_clip_config(path: str) -> dict | None:
+  """The `open_clip_config.json` beside the checkpoint `path` (in its
+  directory), or None."""
+  directory = path if os.path.isdir(path) else os.path.dirname(path)
+  config = os.path.join(directory, OPEN_CLIP_CONFIG)
+  if not os.path.isfile(config):
+    return None
+  with open(config) as f:
+    found = json.load(f)
+  if not isinstance(found, dict) or not isinstance(found.get("model_cfg"), dict):
+    raise ConversionError(f"{config} has no model_cfg: not open_clip's config file")
+  return found
+
+
 def _write_json(path: str, value) -> None:
   with open(path, "w") as f:
     json.dump(value, f, indent=2)
@@ -94,9 +109,12 @@ def write_open_clip(directory: str, state: dict, config: dict, preprocess: dict,
   _write_json(os.path.join(directory, f"{name}.json"), config)
 
 
-def write_hf(directory: str, state: dict, config: dict) -> None:
-  """A directory `transformers.CLIPModel.from_pretrained` loads."""
+def write_hf(directory: str, state: dict, config: dict, preprocessor: dict | None = None) -> None:
+  """A directory `transformers.CLIPModel.from_pretrained` loads (and, with
+  `preprocessor`, `CLIPImageProcessor.from_pretrained`)."""
   os.makedirs(directory, exist_ok=True)
   safetensors.numpy.save_file(state, os.path.join(directory, HF_WEIGHTS),
                               metadata={"format": "pt"})
   _write_json(os.path.join(directory, HF_CONFIG), config)
+  if preprocessor is not None:
+    _write_json(os.path.join(directory, HF_PREPROCESSOR), preprocessor)
