@@ -277,6 +277,10 @@ def _command(*argv, cwd=ROOT):
                                "--config.batch_size?"),
     (["--config.model.embed_dimm=8"], "unknown config field --config.model.embed_dimm: did you "
                                       "mean --config.model.embed_dim?"),
+    (["--config.optim.learning_rate=3"], "unknown config field --config.optim.learning_rate: "
+                                         "did you mean --config.optim.lr?"),
+    (["--config.model.rank_ordr=3"], "unknown config field --config.model.rank_ordr: did you "
+                                     "mean --config.model.rank_order?"),
     (["--config.checkpoint.every=0"], "config.checkpoint.every must be a number >= 1, got 0"),
     (["--config.model.rank_order=-1"], "config.model.rank_order must be an integer in 0..5"),
     (["--config.model.rank_order=7"], "config.model.rank_order must be an integer in 0..5"),

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 import dinorank_jax
 
 ROOT = pathlib.Path(dinorank_jax.__file__).parent
@@ -68,3 +70,47 @@ def test_the_wheel_builds_without_warnings_and_holds_the_package_only(tmp_path):
   assert "dinorank_jax/train.py" in names
   assert {f"dinorank_jax/gpu_targets/{t}.txtpb" for t in ("h100", "h200", "a100")} <= set(names)
   assert not any(n.startswith(("configs/", "launch/", "tests/")) for n in names)
+
+
+ENTRY_POINTS = ("dinorank_jax.export", "dinorank_jax.evaluate.__main__", "dinorank_jax.convert.__main__",
+                "dinorank_jax.data.build", "dinorank_jax.data.verify", "dinorank_jax.teacher.export",
+                "dinorank_jax.models.summary", "dinorank_jax.bench.__main__",
+                "dinorank_jax.bench.data", "dinorank_jax.bench.losses")
+
+
+def test_every_command_line_names_its_python_m_and_helps_every_flag(monkeypatch):
+  """Each entry point's parser (caught as it parses): the usage line reads
+  `python -m dinorank_jax.…`, and every argument has a help text (argparse
+  then appends its default)."""
+  import argparse
+  import importlib
+  caught = []
+
+  def catch(self, *args, **kwargs):
+    caught.append(self)
+    raise SystemExit(0)
+
+  monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+  for name in ENTRY_POINTS:
+    caught.clear()
+    with pytest.raises(SystemExit):
+      importlib.import_module(name).main([])
+    parser, = caught
+    parsers = [parser] + [sub for action in parser._actions                  # pylint: disable=protected-access
+                          if isinstance(action, argparse._SubParsersAction)  # pylint: disable=protected-access
+                          for sub in action.choices.values()]
+    for p in parsers:
+      assert p.prog.startswith(f"python -m {name.removesuffix('.__main__')}"), (name, p.prog)
+      assert p.formatter_class is argparse.ArgumentDefaultsHelpFormatter, name
+      for action in p._actions:                                   # pylint: disable=protected-access
+        if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):  # pylint: disable=protected-access
+          assert action.help, (name, action.option_strings or action.dest)
+
+
+def test_main_help_exits_0_and_lists_every_config_field():
+  out = subprocess.run([sys.executable, "-m", "dinorank_jax.main", "--help"], capture_output=True,
+                       text=True, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.startswith("usage: python -m dinorank_jax.main --config")
+  for field in ("model.rank_order = 3", "optim.lr", "data.path", "--print_config"):
+    assert field in out.stdout, field

@@ -71,7 +71,9 @@ def model_overrides(text: str) -> dict:
 
 
 def parse(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m dinorank_jax.bench",
+                              description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--suite", default="all", help=f"'all' or a comma list of {SUITES}")
   p.add_argument("--device", choices=sorted(step.SHAPES),
                  help="the shape: cpu (default) or gpu (the paper's; default with --target)")
@@ -87,8 +89,8 @@ def parse(argv=None):
   p.add_argument("--fit", action="store_true", help="with --target: the largest rows per "
                  "device that fit, for every remat policy (or the --model remat)")
   p.add_argument("--rows", type=int, help="rows per device (default: the shape's)")
-  p.add_argument("--rounds", type=int, default=3)
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
+  p.add_argument("--repeats", type=int, default=3, help="timed calls per round")
   p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: "
                  "the vendor's dense bf16 figure for known GPUs)")
   p.add_argument("--data_records", type=int, default=512, help="data suite: records")

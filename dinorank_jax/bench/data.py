@@ -128,14 +128,16 @@ def format_table(table, title) -> str:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--records", type=int, default=2048)
-  p.add_argument("--stored_side", type=int, default=256)
-  p.add_argument("--image_size", type=int, default=224)
-  p.add_argument("--batch_size", type=int, default=64)
+  p = argparse.ArgumentParser(prog="python -m dinorank_jax.bench.data",
+                              description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--records", type=int, default=2048, help="synthetic records written")
+  p.add_argument("--stored_side", type=int, default=256, help="stored image side")
+  p.add_argument("--image_size", type=int, default=224, help="crop side")
+  p.add_argument("--batch_size", type=int, default=64, help="pipeline batch")
   p.add_argument("--settings", default="1x0,2x0,2x2",
                  help="comma-separated THREADSxWORKERS pipeline settings to measure")
-  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
   args = p.parse_args(argv)
   settings = [tuple(int(n) for n in s.split("x")) for s in args.settings.split(",")]
   table = run(num_records=args.records, stored_side=args.stored_side,

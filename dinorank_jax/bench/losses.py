@@ -196,15 +196,17 @@ def _size(text):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m dinorank_jax.bench.losses",
+                                   description=__doc__.split("\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--sizes", default="64x512,128x1024,256x2048",
                       help="comma-separated ROWSxM list shapes to time")
   parser.add_argument("--memory_size", default="512x4096", type=_size,
                       help="ROWSxM at which the exact order-3 memory target is checked")
   parser.add_argument("--exact_limit", default=2 ** 26, type=int,
                       help="time the exact order-3 loss only where rows*M*M <= this")
-  parser.add_argument("--repeats", default=5, type=int)
-  parser.add_argument("--chunk_size", default=16, type=int)
+  parser.add_argument("--repeats", default=5, type=int, help="timed calls per size")
+  parser.add_argument("--chunk_size", default=16, type=int, help="rank chunk size")
   parser.add_argument("--json", help="also write the results to this file")
   args = parser.parse_args(argv)
   sizes = [_size(s) for s in args.sizes.split(",")]

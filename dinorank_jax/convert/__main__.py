@@ -25,10 +25,13 @@ def _import(args) -> dict:
 @errors.guard
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m dinorank_jax.convert",
-                              description=__doc__.split("\n\n")[1].replace("\n", " "))
+                              description=__doc__.split("\n\n")[1].replace("\n", " "),
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   commands = p.add_subparsers(dest="command", required=True)
-  i = commands.add_parser("import", help="a CLIP checkpoint -> an export of ours")
-  i.add_argument("--from", dest="source", required=True, choices=("openai", "open_clip", "hf"))
+  i = commands.add_parser("import", help="a CLIP checkpoint -> an export of ours",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  i.add_argument("--from", dest="source", required=True, choices=("openai", "open_clip", "hf"),
+                 help="the checkpoint's family (an open_clip_config.json beside it names the arch)")
   i.add_argument("--checkpoint", required=True, help="weight file, or a directory holding one")
   i.add_argument("--out", required=True, help="export directory to write")
   i.add_argument("--quick_gelu", action="store_true",

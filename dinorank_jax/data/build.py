@@ -299,20 +299,23 @@ def build(args) -> dict:
 
 
 def parser():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--source", required=True, choices=sorted(SOURCES))
+  p = argparse.ArgumentParser(prog="python -m dinorank_jax.data.build",
+                              description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--source", required=True, choices=sorted(SOURCES), help="where the pairs come from")
   p.add_argument("--out", required=True, help="dataset directory to write")
   p.add_argument("--input", help="table file (tsv/csv) or tar glob (webdataset)")
-  p.add_argument("--image_column", default="image")
-  p.add_argument("--caption_column", default="caption")
+  p.add_argument("--image_column", default="image", help="tables: the image-path column")
+  p.add_argument("--caption_column", default="caption", help="tables: the caption column")
   p.add_argument("--syn_caption_column", default="syn_caption",
                  help="synthetic-caption column (ALIP), used when the table has it")
   p.add_argument("--num", type=int, default=20000, help="synthetic: number of pairs")
   p.add_argument("--seed", type=int, default=0, help="synthetic: corpus seed (one per split)")
   p.add_argument("--image_size", type=int, default=96, help="synthetic: image side")
   p.add_argument("--max_side", type=int, default=256, help="bound on the stored short side")
-  p.add_argument("--shard_size", type=int, default=2048)
-  p.add_argument("--workers", type=int, default=os.cpu_count())
+  p.add_argument("--shard_size", type=int, default=2048, help="records per shard")
+  p.add_argument("--workers", type=int, default=os.cpu_count(),
+                 help="processes decoding and re-encoding images (default: the cores)")
   p.add_argument("--tokenizer", default=None, help="local Hugging Face tokenizer directory "
                  "(default: CLIP's BPE)")
   p.add_argument("--overwrite", action="store_true",

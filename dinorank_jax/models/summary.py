@@ -45,9 +45,11 @@ def parameter_table(model: DinoRankCLIP, image_size: int = 224) -> list[tuple[st
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--rank_order", type=int, default=3)
-  parser.add_argument("--students", default="both")
+  parser = argparse.ArgumentParser(prog="python -m dinorank_jax.models.summary",
+                                   description=__doc__.split("\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("--rank_order", type=int, default=3, help="the rank order R")
+  parser.add_argument("--students", default="both", help="both, image, text or none")
   args = parser.parse_args(argv)
   model = DinoRankCLIP(rank_order=args.rank_order, students=args.students)
   print(f"DinoRankCLIP at the paper's sizes (ViT-B/32 + text B, students Ti/16 + Ti, "

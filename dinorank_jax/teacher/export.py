@@ -236,7 +236,9 @@ def export(args) -> dict:
 
 @errors.guard
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m dinorank_jax.teacher.export",
+                              description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--data", required=True, help="dataset built by dinorank_jax.data.build")
   p.add_argument("--out", required=True, help="dataset directory to write (may not be --data)")
   p.add_argument("--image_teacher", required=True,
@@ -245,10 +247,11 @@ def main(argv=None):
                  help=f"local transformers text encoder directory, or {MINILM}")
   p.add_argument("--image_size", type=int, default=None,
                  help="teacher input side (default: its processor config's, else 224)")
-  p.add_argument("--pca_dim", type=int, default=256)
-  p.add_argument("--pca_images", type=int, default=1024)
-  p.add_argument("--text_length", type=int, default=32)
-  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--pca_dim", type=int, default=256,
+                 help="channels the teacher's patch tokens are reduced to (PCA)")
+  p.add_argument("--pca_images", type=int, default=1024, help="images the PCA is fitted on")
+  p.add_argument("--text_length", type=int, default=32, help="text teacher tokens kept")
+  p.add_argument("--batch_size", type=int, default=64, help="images or texts per teacher call")
   p.add_argument("--overwrite", action="store_true",
                  help="replace a dataset in --out that was exported with other arguments")
   args = p.parse_args(argv)
