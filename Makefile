@@ -29,6 +29,8 @@ demo: $(STAMP)
 	$(PYTHON) -m dinorank_jax.export --workdir runs/demo --out exports/demo
 	$(PYTHON) -m dinorank_jax.evaluate --model exports/demo --suite synthetic \
 	  --data_dir data/demo --out reports/demo
+	@echo "demo done: run in runs/demo (checkpoints, metrics.jsonl), export in exports/demo," \
+	  "report in reports/demo/report.md (results.json, figures, clip_benchmark/)"
 
 # Eight virtual CPU devices, so every sharded code path runs without a GPU;
 # the gpu-aot extra's plugin compiles for GPU targets (tests/test_aot.py).

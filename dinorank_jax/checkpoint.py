@@ -83,6 +83,23 @@ def check_params(saved: dict, wanted: dict, where: str) -> None:
                                "with the config the run was started with (its config.json)")
 
 
+class _NoMissingStepMetadata(logging.Filter):
+  """Orbax warns `Metadata file does not exist: …/_CHECKPOINT_METADATA` when
+  a checkpoint's item (`N/state`) is read on its own, as every resume and
+  export does: that optional file lives one level up, at `N/`, and nothing
+  is damaged. The warning is dropped; real damage is still reported."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Metadata file does not exist")
+
+
+def quiet_step_metadata_warning() -> None:
+  """Installs `_NoMissingStepMetadata` on absl's logger (orbax logs through it), once."""
+  absl_log = logging.getLogger("absl")
+  if not any(isinstance(f, _NoMissingStepMetadata) for f in absl_log.filters):
+    absl_log.addFilter(_NoMissingStepMetadata())
+
+
 @contextlib.contextmanager
 def _quiet_failed_reads():
   """Orbax's failed reads leave one unretrieved asyncio error and one
@@ -110,6 +127,7 @@ class Checkpointer:
                                            enable_async_checkpointing=asynchronous)
     self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                          options=options)
+    quiet_step_metadata_warning()
 
   @property
   def latest_step(self) -> int | None:

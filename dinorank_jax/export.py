@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dinorank_jax import convert, errors
+from dinorank_jax import checkpoint, convert, errors
 from dinorank_jax.data import records, transform
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH, TextTokenizer
 from dinorank_jax.models import CONFIG_FIELDS, DinoRankCLIP, from_config
@@ -115,6 +115,7 @@ def trained_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
                      "train the run first, or pass --step with one of "
                      f"{sorted(manager.all_steps())}")
   path = os.path.join(directory, str(step), "state")
+  checkpoint.quiet_step_metadata_warning()
   checkpointer = ocp.StandardCheckpointer()
   state = checkpointer.restore(path, _on_one_device(checkpointer.metadata(path).item_metadata))
   return state["params"], step

@@ -364,8 +364,7 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
   preempted = {"stop": False}
   previous = signal.signal(signal.SIGTERM, _on_sigterm(preempted))
   start = int(state.step)
-  progress = tqdm(total=total_steps, initial=start, disable=not lead, unit="step",
-                  dynamic_ncols=True)
+  progress = None
   skipped, eval_metrics = np.zeros(len(records.SKIP_REASONS), np.int64), {}
   timer, timed_from = time.perf_counter(), start
   position = iterator.get_state()         # the data position a checkpoint records
@@ -377,6 +376,9 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
       parallel.wait_for_all(f"train step compiled, step {start}")
       writer.write(start, {f"compile/{k}": v for k, v in report.items()})
       timer = time.perf_counter()
+    # Started after compiling, so that its rate and ETA count steps only.
+    progress = tqdm(total=total_steps, initial=start, disable=not lead, unit="step",
+                    dynamic_ncols=True)
     for step in range(start, total_steps):
       state, metrics = train_step(state, batch)
       position = iterator.get_state()     # before the batch of step + 1
@@ -407,7 +409,8 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
       checkpointer.save(total_steps, state, position, force=True)
       eval_metrics = run_eval(total_steps)
   finally:
-    progress.close()
+    if progress is not None:
+      progress.close()
     checkpointer.wait()
     checkpointer.close()
     writer.close()
@@ -416,9 +419,11 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
 
 
 def print_table(metrics: dict, tasks: dict) -> None:
-  """The evaluation as a table, with each zero-shot task's chance level."""
+  """The evaluation as a table, with the chance level of each zero-shot task
+  (one over its classes) and of retrieval R@1 (one over the scenes scored)."""
   print(f"{'metric':<34}{'value':>8}{'chance':>9}")
   for name, value in sorted(metrics.items()):
     task = name.split("/", 1)[1]
-    chance = f"{1 / len(tasks[task]):.3f}" if name.startswith("zero_shot/") else ""
+    chance = (f"{1 / len(tasks[task]):.3f}" if name.startswith("zero_shot/") else
+              f"{1 / metrics['eval/examples']:.4f}" if name.startswith("retrieval/") else "")
     print(f"{name:<34}{value:>8.3f}{chance:>9}")

@@ -80,6 +80,8 @@ def main(argv=None):
                               dtype=args.dtype, log=lambda s: print(s, file=sys.stderr))
   results = report.write(results, args.out)
   print(report.markdown(results))
+  print(f"wrote {os.path.join(args.out, 'report.md')} and {os.path.join(args.out, report.RESULTS)}",
+        file=sys.stderr)
   if not args.compare:
     statuses = [r["status"] for m in results["models"].values() for r in m["suites"].values()]
     if "ok" not in statuses:

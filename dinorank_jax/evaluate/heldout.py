@@ -19,6 +19,7 @@ is `python -m dinorank_jax.evaluate`.
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -76,7 +77,11 @@ def _split_loader(directory: str, image_size: int, tasks):
 def evaluate(model: DinoRankCLIP, params, mesh, directory: str, *, batch_size: int,
              image_size: int) -> dict[str, float]:
   """`zero_shot/<task>` accuracy per task and `retrieval/{i2t,t2i}_r1` on the
-  records at `directory`, plus `eval/skipped` (undecodable records)."""
+  records at `directory`, plus `eval/skipped` (undecodable records) and
+  `eval/examples` (those scored). Computed in float32 whatever the training
+  dtype, as `python -m dinorank_jax.evaluate` computes by default, so the two
+  agree."""
+  model = model.clone(dtype=jnp.float32)
   meta = records.read_metadata(directory)
   tasks = meta.get("zero_shot_tasks") or {}
 
@@ -95,7 +100,7 @@ def evaluate(model: DinoRankCLIP, params, mesh, directory: str, *, batch_size: i
   valid = split["valid"]
   image, text = split["image"][valid], split["text"][valid]
   recall = metrics_lib.retrieval(image, text, np.arange(len(image)), ks=(1,))
-  metrics = {"eval/skipped": float(n - valid.sum()),
+  metrics = {"eval/skipped": float(n - valid.sum()), "eval/examples": float(valid.sum()),
              **{f"retrieval/{k}": v for k, v in recall.items()}}
 
   tokenizer = TextTokenizer.from_id(meta["tokenizer"])   # the corpus' own
