@@ -8,7 +8,8 @@ name it is asked for is a class that refuses to be built, except the five
 transforms open_clip's evaluation transform composes on a PIL image
 (`Compose`, `Resize`, `CenterCrop`, `ToTensor`, `Normalize`, with
 `InterpolationMode`), transcribed below from torchvision's PIL code path
-(`transforms.functional.resize`/`center_crop`/`to_tensor`/`normalize`). The
+(`transforms.functional.resize`/`center_crop`/`to_tensor`/`normalize`), and
+`RandomResizedCrop`, built but refusing to run. The
 ViT CLIP, its factory (`create_model`, `create_model_and_transforms`,
 `add_model_config`), its checkpoint loading and its eval transform run
 unchanged; building a ResNet or a training augmentation fails loudly.
@@ -142,7 +143,18 @@ class Normalize:
     return (tensor - mean) / std
 
 
-_TRANSFORMS = {"Compose": Compose, "Resize": Resize, "CenterCrop": CenterCrop,
+class RandomResizedCrop:
+  """Built (open_clip builds its training transform beside the evaluation
+  one), never used here."""
+
+  def __init__(self, *args, **kwargs):
+    pass
+
+  def __call__(self, img):
+    raise RuntimeError("torchvision is not installed: a training augmentation cannot run here")
+
+
+_TRANSFORMS = {"Compose": Compose, "RandomResizedCrop": RandomResizedCrop, "Resize": Resize, "CenterCrop": CenterCrop,
                "ToTensor": ToTensor, "Normalize": Normalize,
                "InterpolationMode": InterpolationMode}
 _FUNCTIONAL = {"resize": resize, "center_crop": center_crop, "to_tensor": to_tensor,

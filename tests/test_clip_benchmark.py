@@ -18,9 +18,8 @@ from sklearn.metrics import balanced_accuracy_score
 import dinorank_jax
 from dinorank_jax import convert, export
 from dinorank_jax.evaluate import suites
-from tests import photos
+from tests import photos, tiny_export
 from tests.open_clip_cpu import import_open_clip
-from tests.test_photos import _tiny_export
 
 open_clip = import_open_clip()
 zeroshot_classification = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
@@ -69,7 +68,7 @@ class _Loader(list):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("clip_benchmark")
-  config = _tiny_export(str(root / "export"))
+  config = tiny_export.write(str(root / "export"))
   ours = dinorank_jax.load(str(root / "export"))
   state, model_cfg = export.clip_checkpoint("open_clip", config, ours.params)
   convert.write_open_clip(str(root / "open_clip"), state, model_cfg,

@@ -5,18 +5,14 @@ evaluation transform, an evaluation suite and `dinorank_jax.load`."""
 import io
 import tarfile
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 import dinorank_jax
-from dinorank_jax import export
 from dinorank_jax.data import build, pipeline, records, transform, verify
-from dinorank_jax.data.tokenizer import CLIP_BPE_ID
 from dinorank_jax.evaluate import suites
-from dinorank_jax.models import from_config
-from tests import photos
+from tests import photos, tiny_export
 
 SIDES = range(16, 385)
 
@@ -64,20 +60,6 @@ def test_the_evaluation_transform_is_shortest_side_bicubic_then_the_centre():
   assert (x0, y0, w, h) == (6 / 45, 0.0, 32 / 45, 1.0)
 
 
-def _tiny_export(directory: str, image_size: int = 32) -> dict:
-  model_config = {"model": {"embed_dim": 16, "image_trunk": "tiny/8", "text_trunk": "tiny",
-                            "students": "none", "rank_order": 0, "arch": "open_clip",
-                            "scan": True, "dtype": "float32", "vocab_size": 49408,
-                            "eot_id": 49407},
-                  "image_size": image_size, "tokenizer": CLIP_BPE_ID, "context_length": 77,
-                  "source": {"test": "random"}}
-  m = model_config["model"]
-  model = from_config(m, vocab_size=m["vocab_size"], eot_id=m["eot_id"])
-  params = model.init(jax.random.key(0), np.zeros((1, image_size, image_size, 3), np.float32),
-                      np.zeros((1, 77), np.int32))["params"]
-  return export.write(directory, model_config, params)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
   """The photos as an img2dataset webdataset, built into records, and a tiny export."""
@@ -92,7 +74,7 @@ def built(tmp_path_factory):
                                     "--out", str(root / "records"), "--workers", "1",
                                     "--shard_size", "8"])
   meta = build.build(args)
-  _tiny_export(str(root / "export"))
+  tiny_export.write(str(root / "export"))
   return root, meta
 
 
