@@ -333,7 +333,7 @@ def chance(embedded: dict, found: dict, *, present_only: bool = False) -> dict[s
     labels = embedded["labels"][task]
     competing = len(np.unique(labels[labels >= 0])) if present_only else len(names)
     levels.update(_prefixed(f"zero_shot/{task}", metrics.zero_shot_chance(competing)))
-    levels[f"probe/{task}/top1"] = 1 / len(names)
+    levels[f"probe/{task}/top1"] = levels[f"probe/{task}/mean_per_class_recall"] = 1 / len(names)
   if "captions" in embedded:
     levels.update(_prefixed("retrieval", metrics.retrieval_chance(
         [len(c) for c in embedded["captions"]])))
