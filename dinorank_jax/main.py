@@ -5,7 +5,9 @@
 
 `--help` lists the flags and every config field with its value (those of
 `--config` when given, else of the paper's recipe); `--print_config` prints
-the resolved config, overrides applied, and exits. Multi-host: `jax.distributed.initialize()` runs when SLURM launched the job
+the resolved config, overrides applied, and exits.
+
+Multi-host: `jax.distributed.initialize()` runs when SLURM launched the job
 (detected from its environment) or when `--coordinator_address` is given
 with `--num_processes` and `--process_id`; every process runs this same
 command. On CPU the collectives go through gloo.
@@ -85,9 +87,7 @@ def suggest(field: str, config) -> str | None:
 
 def _help(argv: list[str]) -> str:
   """`--help`: usage, the flags, and every config field with its value."""
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if spec is None and "--config" in argv[:-1]:
-    spec = argv[argv.index("--config") + 1]
+  spec = _config_spec(argv)
   config = load_config_file(spec) if spec else config_lib.paper()
   lines = [f"usage: {USAGE}", "", __doc__.split("\n")[0], "", "flags:"]
   for flag in OWN_FLAGS:
@@ -110,21 +110,29 @@ def _flag_error(error: Exception, argv: list[str]) -> str:
                   if a.startswith("--config.") and a.split("=")[0].endswith(unknown.group(1))),
                  unknown.group(1))
     try:
-      closest = suggest(field, load_config_file(_config_path(argv)))
+      closest = suggest(field, load_config_file(_config_spec(argv)))
     except Exception:  # the config file itself is reported by parse_flags
       closest = None
-    hint = f"did you mean --config.{closest}?" if closest else "see configs/README.md for the fields"
-    return f"unknown config field --config.{field}: {hint} (python -m dinorank_jax.main --help lists them)"
+    hint = (f"did you mean --config.{closest}?" if closest
+            else "see configs/README.md for the fields")
+    return (f"unknown config field --config.{field}: {hint} "
+            "(python -m dinorank_jax.main --help lists them)")
   return message
 
 
-def _config_path(argv: list[str]) -> str:
+def _config_spec(argv: list[str]) -> str | None:
+  """The `--config` value, `path[:argument]`, or None."""
   for i, a in enumerate(argv):
     if a.startswith("--config="):
-      return a.split("=", 1)[1].split(":")[0]
+      return a.split("=", 1)[1]
     if a == "--config" and i + 1 < len(argv):
-      return argv[i + 1].split(":")[0]
-  return "(--config)"
+      return argv[i + 1]
+  return None
+
+
+def _config_path(argv: list[str]) -> str:
+  spec = _config_spec(argv)
+  return "(--config)" if spec is None else spec.split(":")[0]
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -49,13 +49,20 @@ def _module(name: str, package: bool = False) -> types.ModuleType:
 
 
 class InterpolationMode(enum.Enum):
+  """torchvision's members, every one (transformers reads `NEAREST_EXACT`)."""
   NEAREST = "nearest"
+  NEAREST_EXACT = "nearest-exact"
   BILINEAR = "bilinear"
   BICUBIC = "bicubic"
+  BOX = "box"
+  HAMMING = "hamming"
+  LANCZOS = "lanczos"
 
 
-_PIL_MODES = {InterpolationMode.NEAREST: 0, InterpolationMode.BILINEAR: 2,
-              InterpolationMode.BICUBIC: 3}
+_PIL_MODES = {InterpolationMode.NEAREST: 0, InterpolationMode.NEAREST_EXACT: 0,
+              InterpolationMode.LANCZOS: 1, InterpolationMode.BILINEAR: 2,
+              InterpolationMode.BICUBIC: 3, InterpolationMode.BOX: 4,
+              InterpolationMode.HAMMING: 5}
 
 
 def _resized_size(height: int, width: int, size):

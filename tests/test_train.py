@@ -109,12 +109,12 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypa
   config = tiny_config(root)
   config.epochs = 4                     # 16 steps: order 2 from step 12
   # The progress bar (its rate and ETA) starts once the step is compiled.
-  events, compile_fitting, bar = [], train._compile_fitting, train.tqdm
+  order, compile_fitting, bar = [], train._compile_fitting, train.tqdm
   monkeypatch.setattr(train, "_compile_fitting",
-                      lambda *a, **k: (compile_fitting(*a, **k), events.append("compiled"))[0])
-  monkeypatch.setattr(train, "tqdm", lambda *a, **k: (events.append("bar"), bar(*a, **k))[1])
+                      lambda *a, **k: (compile_fitting(*a, **k), order.append("compiled"))[0])
+  monkeypatch.setattr(train, "tqdm", lambda *a, **k: (order.append("bar"), bar(*a, **k))[1])
   result = train.train_and_evaluate(config, workdir)
-  assert events == ["compiled", "bar"]
+  assert order == ["compiled", "bar"]
   assert set(result) == {"eval/skipped", "eval/examples", "retrieval/i2t_r1", "retrieval/t2i_r1",
                          "zero_shot/colour", "zero_shot/shape", "zero_shot/colour_shape_texture"}
   assert 0 <= result["zero_shot/colour"] <= 1 and result["eval/skipped"] == 0

@@ -327,7 +327,8 @@ def _prefixed(group: str, found: dict) -> dict:
 
 def chance(embedded: dict, found: dict, *, present_only: bool = False) -> dict[str, float]:
   """What a random ranking scores on average, for each zero-shot, probe and
-  retrieval number of `found` (probes: one over the classes, for top-1)."""
+  retrieval number of `found` (a probe's top-1 and mean per-class recall:
+  one over the classes)."""
   levels = {}
   for task, names in embedded["tasks"].items():
     labels = embedded["labels"][task]
