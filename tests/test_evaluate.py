@@ -285,6 +285,17 @@ def test_clip_benchmark_webdatasets_give_zero_shot_and_retrieval(tmp_path):
   assert result["chance"]["retrieval/i2t_r1"] == pytest.approx(0.25)
   assert result["chance"]["retrieval/i2t_r5"] == pytest.approx(1 - (6 * 5 * 4 * 3 * 2) / (8 * 7 * 6 * 5 * 4))
   assert result["ties"] == metrics.TIES
+  # Every suite that ran has its section in the report: counts, dtype, chance, tie rule.
+  folder = suites.run(f"folder:{_folder(tmp_path / 'folder', bad=1)}", OneHotModel(), "")
+  text = report.markdown({"models": {"m": {"path": "/m", "suites": {
+      f"wds:{root}": {**suites.run(f"wds:{root}", OneHotModel(), ""), "dtype": "float32"},
+      f"wds:{captions}": result, f"folder:{tmp_path / 'folder'}": folder}}}})
+  for suite, skipped in ((f"wds:{root}", 1), (f"wds:{captions}", 1),
+                         (f"folder:{tmp_path / 'folder'}", 1)):
+    counts = text.split(f"## {suite}\n")[1].splitlines()[1]      # "- m: source; N examples, …"
+    assert counts.startswith("- m: ") and f"{skipped} skipped" in counts, counts
+  assert text.count("| chance |") == 3 and "computed in float32" in text
+  assert f"retrieval ties: {metrics.TIES}" in text
   named = clip_benchmark.records({"models": {"m": {"path": "/m", "suites": {
       f"wds:{root}": {"metrics": {"zero_shot/label/top1": 1.0}}}}}})
   assert named[0]["dataset"] == "wds/wds_colours" and named[0]["metrics"] == {"acc1": 1.0}

@@ -108,9 +108,13 @@ def test_every_command_line_names_its_python_m_and_helps_every_flag(monkeypatch)
 
 
 def test_main_help_exits_0_and_lists_every_config_field():
-  out = subprocess.run([sys.executable, "-m", "dinorank_jax.main", "--help"], capture_output=True,
-                       text=True, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+  run = lambda *argv: subprocess.run(
+      [sys.executable, "-m", "dinorank_jax.main", *argv], capture_output=True, text=True,
+      cwd=ROOT.parent, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+  out = run("--help")
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.startswith("usage: python -m dinorank_jax.main --config")
   for field in ("model.rank_order = 3", "optim.lr", "data.path", "--print_config"):
     assert field in out.stdout, field
+  out = run("--config=configs/demo.py", "--config.batch_size=24", "--print_config")
+  assert out.returncode == 0 and "batch_size: 24" in out.stdout.splitlines(), out.stderr[-2000:]
