@@ -158,14 +158,8 @@ def export(workdir: str, out: str, *, step: int | None = None, data: str | None 
   # anything is written.
   checkpoints = {fmt: clip_checkpoint(fmt, model_config, params) for fmt in formats}
   model_config = write(out, model_config, params)
-  for fmt, (state, config) in checkpoints.items():
-    directory = os.path.join(out, fmt)
-    if fmt == "open_clip":
-      name = "dinorank-" + os.path.basename(os.path.abspath(out))
-      convert.write_open_clip(directory, state, config,
-                              convert.open_clip_preprocess(model_config), name)
-    else:
-      convert.write_hf(directory, state, config, convert.hf_preprocessor(model_config))
+  for fmt, checkpoint in checkpoints.items():
+    write_clip_checkpoint(out, fmt, model_config, checkpoint)
     note = convert.students_left_behind(model_config)
     if note:
       logging.warning("--format %s: %s", fmt, note)
@@ -191,6 +185,20 @@ def clip_checkpoint(fmt: str, model_config: dict, params: dict) -> tuple[dict, d
   params = jax.tree.map(np.asarray, params)
   to = convert.to_open_clip if fmt == "open_clip" else convert.to_hf
   return to(model_config, params)
+
+
+def write_clip_checkpoint(out: str, fmt: str, model_config: dict,
+                          checkpoint: tuple[dict, dict]) -> None:
+  """`out/<fmt>/`: a `clip_checkpoint` with the preprocessing its library
+  reads (open_clip's model named `dinorank-<out's name>`)."""
+  state, config = checkpoint
+  directory = os.path.join(out, fmt)
+  if fmt == "open_clip":
+    name = "dinorank-" + os.path.basename(os.path.abspath(out))
+    convert.write_open_clip(directory, state, config, convert.open_clip_preprocess(model_config),
+                            name)
+  else:
+    convert.write_hf(directory, state, config, convert.hf_preprocessor(model_config))
 
 
 def _model(model_config: dict, **overrides) -> DinoRankCLIP:

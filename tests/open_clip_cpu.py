@@ -21,6 +21,7 @@ import sys
 import types
 
 import numpy as np
+from PIL import Image
 
 
 class _Refuses(type):
@@ -65,28 +66,30 @@ _PIL_MODES = {InterpolationMode.NEAREST: 0, InterpolationMode.NEAREST_EXACT: 0,
               InterpolationMode.HAMMING: 5}
 
 
-def _resized_size(height: int, width: int, size):
-  """torchvision's `_compute_resized_output_size` without `max_size`: an int
-  sets the shorter side, the longer one truncated; a pair is `(h, w)`."""
+def _resized_size(height: int, width: int, size, max_size=None):
+  """torchvision's `_compute_resized_output_size`: an int sets the shorter
+  side, the longer one truncated (then both scaled down if the longer one
+  exceeds `max_size`); a pair is `(h, w)`."""
   if isinstance(size, (list, tuple)) and len(size) == 2:
     return list(size)
   size = size[0] if isinstance(size, (list, tuple)) else size
   short, long = (width, height) if width <= height else (height, width)
   new_short, new_long = size, int(size * long / short)
+  if max_size is not None and new_long > max_size:
+    new_short, new_long = int(max_size * new_short / new_long), max_size
   return [new_long, new_short] if width <= height else [new_short, new_long]
 
 
 def resize(img, size, interpolation=InterpolationMode.BILINEAR, max_size=None, antialias=True):
-  if max_size is not None:
-    raise NotImplementedError("max_size: not transcribed")
   height, width = img.size[1], img.size[0]
-  out = _resized_size(height, width, size)
+  out = _resized_size(height, width, size, max_size)
   if out == [height, width]:
     return img
   return img.resize((out[1], out[0]), _PIL_MODES[interpolation])
 
 
 def center_crop(img, output_size):
+  """torchvision's, padding with zeros first where the crop is larger than the image."""
   if isinstance(output_size, int):
     output_size = (output_size, output_size)
   elif len(output_size) == 1:
@@ -94,7 +97,15 @@ def center_crop(img, output_size):
   crop_height, crop_width = output_size
   width, height = img.size
   if crop_width > width or crop_height > height:
-    raise NotImplementedError("padding crops: not transcribed")
+    left = (crop_width - width) // 2 if crop_width > width else 0
+    top = (crop_height - height) // 2 if crop_height > height else 0
+    right = (crop_width - width + 1) // 2 if crop_width > width else 0
+    bottom = (crop_height - height + 1) // 2 if crop_height > height else 0
+    padded = Image.new(img.mode, (width + left + right, height + top + bottom), 0)
+    padded.paste(img, (left, top))
+    img, (width, height) = padded, padded.size
+    if crop_width == width and crop_height == height:
+      return img
   top, left = int(round((height - crop_height) / 2.0)), int(round((width - crop_width) / 2.0))
   return img.crop((left, top, left + crop_width, top + crop_height))
 

@@ -16,7 +16,7 @@ from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
 import dinorank_jax
-from dinorank_jax import convert, export
+from dinorank_jax import export
 from dinorank_jax.evaluate import suites
 from tests import photos, tiny_export
 from tests.open_clip_cpu import import_open_clip
@@ -70,14 +70,14 @@ def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("clip_benchmark")
   config = tiny_export.write(str(root / "export"))
   ours = dinorank_jax.load(str(root / "export"))
-  state, model_cfg = export.clip_checkpoint("open_clip", config, ours.params)
-  convert.write_open_clip(str(root / "open_clip"), state, model_cfg,
-                          convert.open_clip_preprocess(config), "dinorank-test")
-  theirs = open_clip.create_model(f"local-dir:{root / 'open_clip'}")
+  export.write_clip_checkpoint(str(root / "export"), "open_clip", config,
+                               export.clip_checkpoint("open_clip", config, ours.params))
+  checkpoint = root / "export" / "open_clip"
+  theirs = open_clip.create_model(f"local-dir:{checkpoint}")
   # The evaluation transform open_clip builds from the preprocess_cfg we wrote.
   preprocess = open_clip.transform.image_transform_v2(
       open_clip.transform.PreprocessCfg(**open_clip.get_model_preprocess_cfg(theirs)), is_train=False)
-  tokenizer = open_clip.get_tokenizer(f"local-dir:{root / 'open_clip'}")
+  tokenizer = open_clip.get_tokenizer(f"local-dir:{checkpoint}")
   return root, ours, theirs.eval(), preprocess, tokenizer
 
 

@@ -265,14 +265,10 @@ def test_our_open_clip_and_hf_exports_import_back_with_the_same_embeddings(arch,
   original = dinorank_jax.load(str(tmp_path / "ours"))
   images = (np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3))).astype(np.uint8)
   formats = ["open_clip"] + (["hf"] if arch != "dinorank" else [])
-  for fmt in formats:
-    state, config = export.clip_checkpoint(fmt, original.config, original.params)
-    directory = tmp_path / fmt
-    if fmt == "open_clip":
-      convert.write_open_clip(str(directory), state, config,
-                              convert.open_clip_preprocess(original.config), "dinorank-test")
-    else:
-      convert.write_hf(str(directory), state, config, convert.hf_preprocessor(original.config))
+  for fmt in formats:                         # as `export --format` writes them
+    export.write_clip_checkpoint(str(tmp_path / "ours"), fmt, original.config,
+                                 export.clip_checkpoint(fmt, original.config, original.params))
+    directory = tmp_path / "ours" / fmt
     # --from open_clip for every arch: the config beside the weights decides.
     convert_main(["import", "--from", "hf" if fmt == "hf" else "open_clip",
                   "--checkpoint", str(directory), "--out", str(tmp_path / f"back_{fmt}")])

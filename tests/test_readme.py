@@ -18,13 +18,9 @@ def demo_export(tmp_path_factory):
   out = root / "exports" / "demo"
   model_config = tiny_export.write(str(out))
   _, params = export.read(str(out))
-  for fmt in convert.FORMATS:
-    state, config = export.clip_checkpoint(fmt, model_config, params)
-    if fmt == "open_clip":
-      convert.write_open_clip(str(out / fmt), state, config,
-                              convert.open_clip_preprocess(model_config), "dinorank-demo")
-    else:
-      convert.write_hf(str(out / fmt), state, config, convert.hf_preprocessor(model_config))
+  for fmt in convert.FORMATS:                 # as `export --format` writes them
+    export.write_clip_checkpoint(str(out), fmt, model_config,
+                                 export.clip_checkpoint(fmt, model_config, params))
   return root
 
 
