@@ -21,6 +21,7 @@ import os
 import time
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 from jax.extend.core import jaxprs_in_params
 
 from dinorank_jax.config import default_compilation_cache
@@ -30,14 +31,15 @@ def use_cache(directory: str | None) -> None:
   or "" turns the cache off (also when an earlier call in this process
   turned it on)."""
   jax.config.update("jax_enable_compilation_cache", bool(directory))
-  if not directory:
-    return
-  directory = os.path.abspath(os.path.expanduser(directory))
-  os.makedirs(directory, exist_ok=True)
-  # JAX's own thresholds apply: programs that compiled in under a second
-  # (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) are not written.
-  jax.config.update("jax_compilation_cache_dir", directory)
-  logging.info("compilation cache: %s", directory)
+  if directory:
+    directory = os.path.abspath(os.path.expanduser(directory))
+    os.makedirs(directory, exist_ok=True)
+    # JAX's own thresholds apply: programs that compiled in under a second
+    # (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) are not written.
+    jax.config.update("jax_compilation_cache_dir", directory)
+    logging.info("compilation cache: %s", directory)
+  # JAX decides once per process whether, and where, it caches: forget that.
+  jax_cache.reset_cache()
 
 
 @contextlib.contextmanager
@@ -46,10 +48,12 @@ def cache_off():
   compiled for another machine's devices, which cannot be loaded back)."""
   before = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
+  jax_cache.reset_cache()
   try:
     yield
   finally:
     jax.config.update("jax_enable_compilation_cache", before)
+    jax_cache.reset_cache()
 
 
 def add_cache_flags(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +80,9 @@ def count_equations(jaxpr) -> int:
   return total
 
 
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+
+
 def compile_ahead(jitted, *args, compiler_options: dict | None = None):
   """`(compiled, report)` for `jitted(*args)`, compiled with XLA's
   `compiler_options` (e.g. `aot.COMPILER_OPTIONS`).
@@ -85,17 +92,26 @@ def compile_ahead(jitted, *args, compiler_options: dict | None = None):
   StableHLO), `compile_seconds` (XLA) and, per device, `argument_bytes`,
   `output_bytes`, `temp_bytes`, `alias_bytes` (donated inputs reused as
   outputs) and `peak_bytes` (arguments + temporaries + outputs not aliased
-  to an argument) where the backend reports them.
+  to an argument) where the backend reports them, and `from_cache`: whether
+  XLA's executable was read from the persistent cache (`compile_seconds` then
+  counts the read).
   """
   start = time.perf_counter()
   traced = jitted.trace(*args)
   lowered = traced.lower()
   lowered_at = time.perf_counter()
-  compiled = lowered.compile(compiler_options)
+  hits = []
+  listener = lambda event, **_: hits.append(event) if event == _CACHE_HIT else None
+  jax.monitoring.register_event_listener(listener)
+  try:
+    compiled = lowered.compile(compiler_options)
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
   report = {"equations": len(traced.jaxpr.jaxpr.eqns),
             "equations_total": count_equations(traced.jaxpr),
             "lower_seconds": lowered_at - start,
-            "compile_seconds": time.perf_counter() - lowered_at}
+            "compile_seconds": time.perf_counter() - lowered_at,
+            "from_cache": bool(hits)}
   memory = compiled.memory_analysis()
   if memory is not None:
     report.update(argument_bytes=memory.argument_size_in_bytes,
@@ -109,8 +125,10 @@ def compile_ahead(jitted, *args, compiler_options: dict | None = None):
 
 def describe(report: dict) -> str:
   """One line of a `compile_ahead` report."""
-  line = (f"{report['equations']} equations ({report['equations_total']} with sub-programs), lowered in {report['lower_seconds']:.1f} s, "
-          f"compiled in {report['compile_seconds']:.1f} s")
+  compiled = "read from the persistent cache" if report.get("from_cache") else "compiled"
+  line = (f"{report['equations']} equations ({report['equations_total']} with sub-programs), "
+          f"lowered in {report['lower_seconds']:.1f} s, {compiled} in "
+          f"{report['compile_seconds']:.1f} s")
   if "temp_bytes" in report:
     gib = lambda n: f"{n / 2 ** 30:.2f} GiB"
     line += (f"; per device: arguments {gib(report['argument_bytes'])}, outputs "

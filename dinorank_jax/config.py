@@ -15,8 +15,11 @@ DATA_HELP = ("set --config.data.path to a records directory with teacher feature
 
 
 def default_compilation_cache() -> str:
-  """Where compiled programs are cached unless told otherwise:
-  `$XDG_CACHE_HOME/dinorank_jax/jax` (`~/.cache/dinorank_jax/jax`)."""
+  """Where compiled programs are cached unless told otherwise: JAX's own
+  `$JAX_COMPILATION_CACHE_DIR` when set, else `$XDG_CACHE_HOME/dinorank_jax/jax`
+  (`~/.cache/dinorank_jax/jax`)."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
   cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(cache, "dinorank_jax", "jax")
 

@@ -6,29 +6,36 @@ PyTorch's adaptive pooling rule applied to each sample's own length, so
 padding never enters a segment and every segment is non-empty when `L ≥ 1`.
 """
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 
 
-def segment_membership(mask: jax.Array, num_segments: int) -> jax.Array:
+def segment_membership(mask: jax.Array, num_segments: int | Sequence[int]) -> jax.Array:
   """bool `[B, k, n]`: token t of sample b belongs to segment s.
 
   Args:
     mask: bool `[B, n]`, the valid tokens (any pattern, not only a prefix).
-    num_segments: k.
+    num_segments: k; or a pyramid of segment counts `(k_1, k_2, …)`, whose
+      segments follow one another (`k = Σ k_i`), computed together.
   """
+  counts = [num_segments] if isinstance(num_segments, int) else list(num_segments)
   mask = mask.astype(bool)
   index = jnp.cumsum(mask, axis=1) - 1                       # valid-index of each token
-  length = jnp.sum(mask, axis=1, keepdims=True)              # [B, 1]
-  s = jnp.arange(num_segments)[None, :, None]
-  start = (s * length[:, :, None]) // num_segments
-  end = -((-(s + 1) * length[:, :, None]) // num_segments)   # ceil division
+  length = jnp.sum(mask, axis=1, keepdims=True)[:, :, None]  # [B, 1, 1]
+  s = jnp.asarray([i for k in counts for i in range(k)])[None, :, None]
+  k = jnp.asarray([k for k in counts for _ in range(k)])[None, :, None]
+  start = (s * length) // k
+  end = -((-(s + 1) * length) // k)                          # ceil division
   inside = (index[:, None, :] >= start) & (index[:, None, :] < end)
   return inside & mask[:, None, :]
 
 
-def adaptive_max_pool(x: jax.Array, mask: jax.Array, num_segments: int) -> jax.Array:
-  """`[B, n, c]` -> `[B, k, c]`, max over each segment's valid tokens."""
+def adaptive_max_pool(x: jax.Array, mask: jax.Array,
+                      num_segments: int | Sequence[int]) -> jax.Array:
+  """`[B, n, c]` -> `[B, k, c]`, max over each segment's valid tokens (a
+  pyramid of segment counts pools every level at once)."""
   member = segment_membership(mask, num_segments)[..., None]  # [B, k, n, 1]
   low = jnp.finfo(x.dtype).min
   return jnp.max(jnp.where(member, x[:, None, :, :], low), axis=2)

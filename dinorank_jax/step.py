@@ -39,7 +39,7 @@ from dinorank_jax.models.vit import normalise_images, vit_size
 from dinorank_jax.pooling import masked_adaptive_avg_pool
 from dinorank_jax.data.records import SKIP_REASONS
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH
-from dinorank_jax.parallel import BATCH, state_shardings
+from dinorank_jax.parallel import BATCH, FSDP, state_shardings
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
@@ -124,16 +124,20 @@ def _local_losses(objective, model, params, out, batch, scale, key, active, stat
   return terms, metrics, stats
 
 
-def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
-                    objective: Objective, mesh, state_sharding, *, steps_per_epoch: int,
-                    epochs: int, seed: int = 0, skip_nonfinite: bool = False,
-                    accum_steps: int = 1, clip_grad_norm: float = 0.0):
-  """A jitted `step(state, batch) -> (state, metrics)`; the state is donated.
+def make_train_step(model: DinoRankCLIP, optimizer: optim.Optimizer,
+                    objective: Objective, mesh, state_sharding, *, seed: int = 0,
+                    skip_nonfinite: bool = False, accum_steps: int = 1,
+                    clip_grad_norm: float = 0.0):
+  """A jitted `step(state, batch, schedule) -> (state, metrics)`; the state
+  is donated.
 
   `batch` is a dict of global arrays sharded over `BATCH` (see
   `parallel.global_batch`): `image` uint8 `[B, S, S, 3]`, `tokens`, and the
   teacher fields and `crop`, `flip` of `data.pipeline` when students are on,
-  and `syn_tokens` for ALIP.
+  and `syn_tokens` for ALIP. `schedule` is the run's `optim.Schedule`,
+  traced: the optimiser is built inside the step as
+  `optimizer(optim.learning_rate(schedule))`, so no length of the run is a
+  constant of the compiled program.
   `state_sharding` places the state (`parallel.state_shardings`). With
   `skip_nonfinite`, a step whose loss is not finite leaves the parameters and
   optimiser state as they were (`metrics["finite"]` says which happened).
@@ -147,6 +151,8 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
   logs the norm before clipping).
   """
   base_key = jax.random.key(seed)
+  # Replicated parameters: each norm is one reduction of one joined vector.
+  global_norms = functools.partial(optim.global_norms, concatenate=mesh.shape[FSDP] == 1)
   student_patch = vit_size(model.image_student)[3]
   replicated = NamedSharding(mesh, P())
   batch_spec = P(BATCH)
@@ -159,11 +165,11 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
                                    method=DinoRankCLIP.embed_texts)["text"]
     return out
 
-  def loss_fn(params, batch, step, stats):
-    return objective_fn(params, forward(params, batch), batch, step, stats)
+  def loss_fn(params, batch, step, stats, schedule):
+    return objective_fn(params, forward(params, batch), batch, step, stats, schedule)
 
-  def objective_fn(params, out, batch, step, stats):
-    active = optim.active_order(step, steps_per_epoch, model.rank_order)
+  def objective_fn(params, out, batch, step, stats, schedule):
+    active = optim.active_order(step, schedule, model.rank_order)
     side = batch["image"].shape[1] // student_patch
     local = jax.shard_map(
         functools.partial(_local_losses, objective, model, student_grid=(side, side)),
@@ -174,8 +180,7 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
     heads = {k: params[k] for k in (*optim.RANK_HEADS, "logit_scale") if k in params}
     terms, metrics, stats = local(heads, rows, batch, out["scale"],
                                   jax.random.fold_in(base_key, step), active, stats)
-    weight = optim.rank_weight(objective.rank_schedule, step, steps_per_epoch, epochs,
-                               objective.rank_max)
+    weight = optim.rank_weight(objective.rank_schedule, step, schedule, objective.rank_max)
     penalty = sum(gate_penalty(params.get(h, {}), active) for h in optim.RANK_HEADS)
     loss = (terms["clip"] + terms.get("clip_caption", 0.0)
             + weight * (terms["rank_cross"] + terms["rank_in"])
@@ -191,7 +196,7 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
                "active_order": active, "logit_scale": out["scale"], "loss": loss}
     return loss, (metrics, stats)
 
-  def accumulated_grads(params, batch, step, stats):
+  def accumulated_grads(params, batch, step, stats, schedule):
     """`value_and_grad(loss_fn)` over `accum_steps` micro-batches: the towers
     run micro-batch by micro-batch (first without gradients, for the outputs),
     the objective on all outputs together, and the outputs' cotangents are
@@ -208,7 +213,7 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
     out = {k: v[0] if k == "scale" else jax.tree.map(merge, v) for k, v in stacked.items()}
     (loss, aux), (grads, cotangents) = jax.value_and_grad(
         objective_fn, argnums=(0, 1), has_aux=True, allow_int=True)(params, out, batch, step,
-                                                                    stats)
+                                                                    stats, schedule)
     # The scale's cotangent is pulled back once, with micro-batch 0; integer
     # and boolean outputs (masks) have none: a zero stand-in travels through the scan.
     exact = lambda x: jnp.issubdtype(x.dtype, jnp.inexact)
@@ -231,19 +236,21 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
   value_and_grads = (jax.value_and_grad(loss_fn, has_aux=True) if accum_steps == 1
                      else accumulated_grads)
 
-  def step_fn(state: TrainState, batch):
+  def step_fn(state: TrainState, batch, schedule: optim.Schedule):
     tags = optim.order_tags(state.params)
     (loss, (metrics, stats)), grads = value_and_grads(state.params, batch, state.step,
-                                                      state.stats)
-    grad_norm = optax.tree.norm(grads)
+                                                      state.stats, schedule)
     if clip_grad_norm:
+      grad_norm = global_norms(grads)[0]
       grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip_grad_norm / (grad_norm + 1e-6)),
                            grads)
+    tx = optimizer(optim.learning_rate(schedule))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = optim.freeze_inactive(updates, tags, metrics["active_order"])
     params = optax.apply_updates(state.params, updates)
-    metrics.update(grad_norm=grad_norm, param_norm=optax.tree.norm(params),
-                   update_norm=optax.tree.norm(updates))
+    norms = global_norms(grads, params, updates)
+    metrics.update(param_norm=norms[1], update_norm=norms[2],
+                   grad_norm=grad_norm if clip_grad_norm else norms[0])
     finite = jnp.isfinite(loss)
     if skip_nonfinite:
       keep = lambda new, old: jnp.where(finite, new, old)
@@ -255,11 +262,12 @@ def make_train_step(model: DinoRankCLIP, tx: optax.GradientTransformation,
                                else jnp.zeros(len(SKIP_REASONS), jnp.int32))
     return TrainState(state.step + 1, params, opt_state, stats), metrics
 
-  return jax.jit(step_fn, in_shardings=(state_sharding, NamedSharding(mesh, batch_spec)),
+  return jax.jit(step_fn, in_shardings=(state_sharding, NamedSharding(mesh, batch_spec),
+                                        replicated),
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
 
 
-def state_initializer(model: DinoRankCLIP, tx: optax.GradientTransformation, mesh,
+def state_initializer(model: DinoRankCLIP, optimizer: optim.Optimizer, mesh,
                       image_size: int, seed: int = 0, objective: Objective = Objective()):
   """`(init, shardings)`: `init(images, tokens)` jitted to create the state in
   place with the shardings of `parallel.state_shardings`, taking uint8
@@ -267,7 +275,9 @@ def state_initializer(model: DinoRankCLIP, tx: optax.GradientTransformation, mes
   def init(images, tokens):
     params = model.init(jax.random.key(seed), normalise_images(images), tokens)["params"]
     stats = {"alip_momenta": initial_momenta()} if objective.alip else {}
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), stats)
+    # The optimiser's state does not depend on its learning rate's schedule.
+    opt_state = optimizer(optim.learning_rate(optim.Schedule(1, 1, 0.0, 0))).init(params)
+    return TrainState(jnp.zeros((), jnp.int32), params, opt_state, stats)
   shardings = state_shardings(jax.eval_shape(init, *abstract_inputs(image_size)), mesh)
   return jax.jit(init, out_shardings=shardings), shardings
 
@@ -278,10 +288,10 @@ def abstract_inputs(image_size: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDty
           jax.ShapeDtypeStruct((1, CONTEXT_LENGTH), jnp.int32))
 
 
-def init_state(model: DinoRankCLIP, tx: optax.GradientTransformation, mesh, image_size: int,
+def init_state(model: DinoRankCLIP, optimizer: optim.Optimizer, mesh, image_size: int,
                seed: int = 0, objective: Objective = Objective()) -> tuple[TrainState, object]:
   """Parameters, optimiser state and the objective's statistics, created in
   place (`state_initializer`); returns `(state, shardings)`."""
-  init, shardings = state_initializer(model, tx, mesh, image_size, seed, objective)
+  init, shardings = state_initializer(model, optimizer, mesh, image_size, seed, objective)
   images, tokens = (jnp.zeros(x.shape, x.dtype) for x in abstract_inputs(image_size))
   return init(images, tokens), shardings

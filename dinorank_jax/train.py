@@ -17,6 +17,7 @@ it (`workdir.lock`), `metrics.jsonl`, `tensorboard/` and `checkpoints/`.
 Every field is validated (`validate`) before anything is built or compiled.
 """
 
+import functools
 import importlib.util
 import json
 import logging
@@ -259,17 +260,18 @@ def _skip_metrics(skipped: np.ndarray) -> dict[str, int]:
   return {**out, "data/skipped_total": int(skipped.sum())}
 
 
-def _compile_fitting(step_for, model, state, batch, config):
+def _compile_fitting(step_for, model, state, batch, schedule, config):
   """`(compiled step, report)`, or `StepDoesNotFit` before anything runs when
   its peak exceeds `memory_limit`; the coarser remat policies are then
   compiled in turn until one fits, to name it."""
-  compiled, report = compilation.compile_ahead(step_for(model), state, batch)
+  compiled, report = compilation.compile_ahead(step_for(model), state, batch, schedule)
   logging.info("train step: %s", compilation.describe(report))
   limit = memory_limit(config)
   if limit is not None and report.get("peak_bytes", 0) > limit:
     remat_peaks, policies = [], list(REMAT_POLICIES)
     for policy in policies[policies.index(model.remat) + 1:]:
-      _, other = compilation.compile_ahead(step_for(model.clone(remat=policy)), state, batch)
+      _, other = compilation.compile_ahead(step_for(model.clone(remat=policy)), state, batch,
+                                           schedule)
       remat_peaks.append((policy, other["peak_bytes"]))
       if other["peak_bytes"] <= limit:
         break
@@ -319,11 +321,16 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
   model = build_model(config, meta)
   fresh = checkpointer.latest_step is None
   trunks = warm_start.read_trunks(config, meta) if config.init_from and fresh else None
-  lr = optim.learning_rate(config.optim.lr, config.optim.warmup_steps, total_steps)
-  tx = optim.adamw(lr, config.optim.weight_decay)
+  # Traced arguments of the step: changing them (more epochs on resume, another
+  # learning rate) reuses the compiled step.
+  schedule = optim.Schedule(steps_per_epoch, config.epochs, config.optim.lr,
+                            config.optim.warmup_steps)
+  lr = optim.learning_rate(schedule)
+  optimizer = functools.partial(optim.adamw, weight_decay=config.optim.weight_decay)
   objective = Objective(**config.objective.to_dict())
   size = config.data.image_size
-  state, shardings = init_state(model, tx, mesh, size, seed=config.seed, objective=objective)
+  state, shardings = init_state(model, optimizer, mesh, size, seed=config.seed,
+                                objective=objective)
   if lead:
     logging.info("parameters:\n%s", parameter_overview(state.params))
   iterator = iter(make_dataset(
@@ -341,8 +348,8 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
                                                            shardings.params))
     logging.info("trunks and logit scale from %s", config.init_from)
   step_for = lambda model: make_train_step(
-      model, tx, objective, mesh, shardings, steps_per_epoch=steps_per_epoch,
-      epochs=config.epochs, seed=config.seed, skip_nonfinite=config.on_nonfinite == "skip",
+      model, optimizer, objective, mesh, shardings,
+      seed=config.seed, skip_nonfinite=config.on_nonfinite == "skip",
       accum_steps=config.optim.accum_steps, clip_grad_norm=config.optim.clip_grad_norm)
   wandb = ({"project": config.log.wandb_project, "name": os.path.basename(workdir.rstrip("/")),
             "config": json.loads(config_json)} if config.log.wandb else None)
@@ -372,7 +379,7 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
   try:
     if batch is not None:
       # Compiled here, once, so that compilation never counts as a step's time.
-      train_step, report = _compile_fitting(step_for, model, state, batch, config)
+      train_step, report = _compile_fitting(step_for, model, state, batch, schedule, config)
       parallel.wait_for_all(f"train step compiled, step {start}")
       writer.write(start, {f"compile/{k}": v for k, v in report.items()})
       timer = time.perf_counter()
@@ -380,7 +387,7 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
     progress = tqdm(total=total_steps, initial=start, disable=not lead, unit="step",
                     dynamic_ncols=True)
     for step in range(start, total_steps):
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, schedule)
       position = iterator.get_state()     # before the batch of step + 1
       if step + 1 < total_steps:          # which travels while this step runs
         batch = parallel.global_batch(mesh, next(iterator))
@@ -394,7 +401,7 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
       if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
         seconds = (time.perf_counter() - timer) / (step + 1 - timed_from)
         timer, timed_from = time.perf_counter(), step + 1
-        writer.write(step + 1, {**metrics, "lr": lr(step), **_skip_metrics(skipped),
+        writer.write(step + 1, {**metrics, "lr": float(lr(step)), **_skip_metrics(skipped),
                                 "step_seconds": seconds,
                                 "samples_per_second": config.batch_size / seconds})
         progress.set_postfix(loss=f"{metrics['loss']:.3f}",

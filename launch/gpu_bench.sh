@@ -27,10 +27,16 @@ ORDERS=${ORDERS:-0,1,2,3,4,5}
 AB=${AB:-attention=cudnn xla_gpu_enable_latency_hiding_scheduler=true}   # A/Bs of order 3
 LOSS_SIZES=${LOSS_SIZES:-512x4096}   # the losses' ROWSxM, timed and their memory checked
 PYTHON=${PYTHON:-python3}
-# A fresh compilation cache shared by the calls below: the step suite reads
-# the order-3 step the memory suite compiled (compile seconds are not timed).
-CACHE=$(mktemp -d)
-trap 'rm -rf "$CACHE"' EXIT
+# A compilation cache shared by the calls below: the step suite reads the
+# order-3 step the memory suite compiled (compile seconds are not timed).
+# JAX's own $JAX_COMPILATION_CACHE_DIR when set (the tests' shared cache),
+# else a fresh one.
+if [ -n "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
+  CACHE=$JAX_COMPILATION_CACHE_DIR
+else
+  CACHE=$(mktemp -d)
+  trap 'rm -rf "$CACHE"' EXIT
+fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 

@@ -68,9 +68,22 @@ def test_bench_command_runs_every_step_suite_and_writes_a_trace(tmp_path, capsys
 
 def test_compile_suite_reports_every_program_and_scanning_shrinks_it(tmp_path, capsys):
   out = tmp_path / "compile.json"
-  bench.main(["--suite", "compile", "--no_compilation_cache", "--json", str(out)])
-  assert "compile (cpu shape" in capsys.readouterr().out
-  rows = {r["program"]: r for r in json.loads(out.read_text())["compile"]}
+  bench.main(["--suite", "compile", "--no_compilation_cache", "--breakdown", "--json", str(out)])
+  printed = capsys.readouterr().out
+  assert "compile (cpu shape" in printed and "the order-3 step by part (cpu shape)" in printed
+  results = json.loads(out.read_text())
+  rows = {r["program"]: r for r in results["compile"]}
+  # The breakdown: each part compiled alone, and every equation of the whole
+  # step (the same program as the table's order-3 step) given to one part.
+  parts = {r["part"]: r for r in results["breakdown"]}
+  assert list(parts) == ["towers", "towers, students, fusion", "rank terms", "contrastive",
+                         "distillation", "optimiser", "whole step"]
+  whole = parts["whole step"]
+  assert whole["equations_total"] == rows["step order 3"]["equations_total"]
+  assert sum(whole["by_part"].values()) == whole["equations_total"]
+  assert set(whole["by_part"]) >= {"towers", "students", "fusion", "rank terms", "contrastive",
+                                   "distillation", "optimiser"}
+  assert all(r["compile_seconds"] > 0 for r in parts.values())
   assert list(rows) == ["init", "step order 0", "step order 3"]
   for r in rows.values():
     assert r["compile_seconds"] > 0 and r["temp_bytes"] > 0 and r["output_bytes"] > 0
@@ -86,18 +99,18 @@ def test_compile_suite_reports_every_program_and_scanning_shrinks_it(tmp_path, c
 def test_unrolled_stacks_are_several_times_the_program_of_scanned_ones():
   # Without remat: under remat each unrolled block is one `checkpoint` equation.
   def equations(scan):
-    model, objective, tx = step.bench_model(0, step.SHAPES["gpu"], "none",
+    model, objective, optimizer = step.bench_model(0, step.SHAPES["gpu"], "none",
                                             {"scan": scan, "remat": "none"})
-    init, _ = state_initializer(model, tx, parallel.make_mesh(), 224, objective=objective)
+    init, _ = state_initializer(model, optimizer, parallel.make_mesh(), 224, objective=objective)
     return len(init.trace(*abstract_inputs(224)).jaxpr.jaxpr.eqns)
   assert equations(False) > 5 * equations(True)
 
 
 def test_benchmark_state_is_drawn_from_abstract_shapes():
-  model, objective, tx = step.bench_model(3, step.SHAPES["cpu"])
+  model, objective, optimizer = step.bench_model(3, step.SHAPES["cpu"])
   mesh = parallel.make_mesh()
-  state, shardings = step.random_state(model, tx, mesh, 32, objective)
-  init, _ = state_initializer(model, tx, mesh, 32, objective=objective)
+  state, shardings = step.random_state(model, optimizer, mesh, 32, objective)
+  init, _ = state_initializer(model, optimizer, mesh, 32, objective=objective)
   expected = jax.eval_shape(init, *abstract_inputs(32))
   assert jax.tree.map(lambda x: (x.shape, x.dtype), state.params) == jax.tree.map(
       lambda x: (x.shape, x.dtype), expected.params)
@@ -111,8 +124,8 @@ def test_the_persistent_cache_serves_a_second_process(tmp_path):
           "from dinorank_jax.bench import step\n"
           "from dinorank_jax.step import abstract_inputs, state_initializer\n"
           "compilation.use_cache(sys.argv[1])\n"
-          "model, objective, tx = step.bench_model(3, step.SHAPES['gpu'], 'none')\n"
-          "init, _ = state_initializer(model, tx, parallel.make_mesh(), 224)\n"
+          "model, objective, optimizer = step.bench_model(3, step.SHAPES['gpu'], 'none')\n"
+          "init, _ = state_initializer(model, optimizer, parallel.make_mesh(), 224)\n"
           "print(compilation.compile_ahead(init, *abstract_inputs(224))[1]['compile_seconds'])")
   run = lambda: float(subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")],
                                      capture_output=True, text=True, check=True).stdout)

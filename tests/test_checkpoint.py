@@ -21,14 +21,13 @@ def _dataset(tmp_path):
 
 def _trainer(data, mesh):
   model = tiny_model(students="none", rank_order=2)
-  tx = optim.adamw(optim.learning_rate(1e-3, 2, 20))
   stream = pipeline.make_dataset(data, batch_size=16, image_size=IMAGE, seed=0)
   iterator = iter(stream)
   first = next(iter(stream))
-  state, shardings = init_state(model, tx, mesh, first["image"].shape[1])
-  step = make_train_step(model, tx, Objective(high_order_len=None), mesh, shardings,
-                         steps_per_epoch=3, epochs=4)
-  return state, step, iterator
+  state, shardings = init_state(model, optim.adamw, mesh, first["image"].shape[1])
+  step = make_train_step(model, optim.adamw, Objective(high_order_len=None), mesh, shardings)
+  schedule = optim.Schedule(steps_per_epoch=3, epochs=4, peak_lr=1e-3, warmup_steps=2)
+  return state, lambda state, batch: step(state, batch, schedule), iterator
 
 
 def _train(state, step, iterator, mesh, n, seen):

@@ -8,6 +8,7 @@ import pytest
 
 from dinorank_jax.losses.distill import (CRITERIA, distill_loss, gram_loss, gram_matrix,
                                          masked_adaptive_avg_pool, rkd_loss)
+from dinorank_jax.pooling import adaptive_max_pool
 
 
 def _tokens(b=3, n=10, c=8, seed=0):
@@ -41,6 +42,15 @@ def test_rkd_invariant_to_scale_and_rotation_of_either_side():
   assert float(rkd_loss(s, s, key)[0]) < 1e-10
   for s2, t2 in ((3.7 * s, t), (s, 0.2 * t), (s @ _rotation(8), t), (s, t @ _rotation(6, 4))):
     np.testing.assert_allclose(rkd_loss(s2, t2, key)[0], base, rtol=1e-4)
+
+
+def test_a_pyramid_pools_every_level_at_once():
+  # The fusion's spatial pyramid: one pass equals the levels pooled one by one.
+  x = jax.random.normal(jax.random.key(0), (5, 13, 4))
+  mask = jnp.asarray(np.random.default_rng(0).random((5, 13)) < 0.7).at[:, 0].set(True)
+  levels = [adaptive_max_pool(x, mask, k) for k in (1, 2, 4, 8)]
+  chex.assert_trees_all_equal(adaptive_max_pool(x, mask, (1, 2, 4, 8)),
+                              jnp.concatenate(levels, axis=1))
 
 
 def test_masked_pooling_ignores_padding_and_splits_like_adaptive_pooling():

@@ -13,28 +13,68 @@ from dinorank_jax.models import list_heads
 from tests.model_sizes import IMAGE, tiny_model, tokens
 
 
+def _schedule(steps_per_epoch=10, epochs=4, peak_lr=5e-4, warmup_steps=10):
+  return optim.Schedule(steps_per_epoch, epochs, peak_lr, warmup_steps)
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
-  lr = optim.learning_rate(5e-4, warmup_steps=10, total_steps=100)
+  lr = optim.learning_rate(_schedule(steps_per_epoch=25))
   values = np.asarray([lr(s) for s in range(101)])
   assert values[0] == 0 and np.isclose(values[10], 5e-4) and values[100] < 1e-9
   assert np.all(np.diff(values[:11]) > 0) and np.all(np.diff(values[10:]) <= 0)
 
 
+@pytest.mark.parametrize("warmup, total", [(10, 100), (0, 7), (3, 3), (8, 5), (2000, 640_000)])
+def test_learning_rate_is_optax_warmup_cosine(warmup, total):
+  # The traced schedule computes optax's, term for term, including the
+  # degenerate runs (no warm-up; a warm-up as long as the run or longer).
+  ours = optim.learning_rate(optim.Schedule(total, 1, 5e-4, warmup))
+  theirs = optax.warmup_cosine_decay_schedule(0.0, 5e-4, warmup, max(total, warmup + 1))
+  counts = jnp.unique(jnp.linspace(0, total + 5, 301).astype(jnp.int32))
+  np.testing.assert_array_equal(jax.vmap(ours)(counts), jax.vmap(theirs)(counts))
+
+
 def test_rank_weight_schedules():
-  linear = [float(optim.rank_weight("rankclip_linear", e * 10, 10, 4, 0.125)) for e in range(4)]
+  linear = [float(optim.rank_weight("rankclip_linear", e * 10, _schedule(), 0.125))
+            for e in range(4)]
   np.testing.assert_allclose(linear, [0.0, 0.0625, 0.125, 0.125])
-  cosine = [float(optim.rank_weight("cosine", s, 10, 4, 0.125)) for s in (0, 20, 40, 60)]
+  cosine = [float(optim.rank_weight("cosine", s, _schedule(), 0.125)) for s in (0, 20, 40, 60)]
   np.testing.assert_allclose(cosine, [0.0, 0.0625, 0.125, 0.125], atol=1e-7)
   with pytest.raises(ValueError, match="config.objective.rank_schedule"):
-    optim.rank_weight("step", 0, 10, 4, 0.125)
+    optim.rank_weight("step", 0, _schedule(), 0.125)
 
 
 def test_active_order_follows_the_warm_start():
-  stages = lambda order: [int(optim.active_order(s, 10, order)) for s in (0, 29, 30, 59, 60, 500)]
+  stages = lambda order, **kw: [int(optim.active_order(s, _schedule(**kw), order))
+                                for s in (0, 29, 30, 59, 60, 500)]
   assert stages(3) == [1, 1, 2, 2, 3, 3]
   assert stages(5) == [1, 1, 2, 2, 5, 5]
   assert stages(2) == [1, 1, 2, 2, 2, 2]
   assert stages(1) == [1] * 6 and stages(0) == [0] * 6
+  assert stages(3, steps_per_epoch=20) == [1, 1, 1, 1, 2, 3]
+
+
+def test_the_schedule_is_traced_not_compiled():
+  # Every length and the peak learning rate are arguments of one program:
+  # values from another run reuse it (the train step's persistent-cache hit).
+  @jax.jit
+  def values(step, schedule):
+    return (optim.learning_rate(schedule)(step), optim.rank_weight("rankclip_linear", step,
+            schedule, 0.125), optim.rank_weight("cosine", step, schedule, 0.125),
+            optim.active_order(step, schedule, 3))
+  first = values(30, _schedule())
+  second = values(30, optim.Schedule(7, 64, 1e-3, 2000, warm_start=(1, 2)))
+  assert values._cache_size() == 1
+  assert [float(x) for x in first] != [float(x) for x in second]
+  assert int(second[3]) == 3 and int(first[3]) == 2
+
+
+@pytest.mark.parametrize("concatenate", [True, False])
+def test_global_norms_are_optax_tree_norms(concatenate):
+  trees = [{"a": jax.random.normal(jax.random.key(i), (3, 4)), "b": {"c": jnp.arange(5.0) * i},
+            "d": jnp.float32(2 - i)} for i in range(3)]
+  norms = optim.global_norms(*trees, concatenate=concatenate)
+  np.testing.assert_allclose(norms, [optax.tree.norm(t) for t in trees], rtol=1e-6)
 
 
 def _setup(order=3):
@@ -58,8 +98,8 @@ def test_decay_mask_and_order_tags():
 
 def test_staged_warm_start_freezes_exactly_without_recompiling():
   model, variables, images, toks = _setup()
-  steps_per_epoch = 2                                  # order 2 from step 6, order 3 from step 12
-  tx = optim.adamw(optim.learning_rate(1e-2, 2, 40))
+  schedule = _schedule(steps_per_epoch=2, epochs=20, peak_lr=1e-2, warmup_steps=2)
+  tx = optim.adamw(optim.learning_rate(schedule))    # order 2 from step 6, order 3 from step 12
   tags = optim.order_tags(variables["params"])
 
   def objective(params, active):
@@ -73,7 +113,7 @@ def test_staged_warm_start_freezes_exactly_without_recompiling():
 
   @jax.jit
   def step(params, opt_state, step):
-    active = optim.active_order(step, steps_per_epoch, 3)
+    active = optim.active_order(step, schedule, 3)
     loss, grads = jax.value_and_grad(objective)(params, active)
     updates, opt_state = tx.update(grads, opt_state, params)
     updates = optim.freeze_inactive(updates, tags, active)

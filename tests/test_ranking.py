@@ -34,6 +34,20 @@ def _head(order, pred, ref, items, gate_logit=0.0, dtype=jnp.float32, **fields):
   return module, params
 
 
+@pytest.mark.parametrize("m", [1, 7, 32, 33, 100, 1024])
+def test_suffix_logsumexp_equals_the_float64_sums(m):
+  # Two levels of blocks (32 columns) must give every suffix, at any M, and a
+  # finite gradient when the scores span hundreds (exp underflows there).
+  x = 80.0 * np.random.default_rng(m).normal(size=(3, m))
+  expected = np.stack([[np.logaddexp.reduce(row[k:]) for k in range(m)] for row in x])
+  with jax.enable_x64(True):
+    np.testing.assert_allclose(pl.suffix_logsumexp(jnp.asarray(x)), expected, rtol=1e-13)
+  got = pl.suffix_logsumexp(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(x).max())
+  grad = jax.grad(lambda v: jnp.sum(jnp.cos(pl.suffix_logsumexp(v))))(jnp.asarray(x, jnp.float32))
+  assert np.isfinite(np.asarray(grad)).all()
+
+
 def test_order0_is_constant_with_zero_gradient():
   pred, ref, items = _inputs(5, 7)
   module = HighOrderPL(order=0)

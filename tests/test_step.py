@@ -29,17 +29,25 @@ def _batch(b=16, seed=0):
   }
 
 
-def _run(mesh, objective, steps=2, tx=None, host=None, **model_kw):
+# One step per epoch: order 2 trains from step 3, order 3 from step 6.
+SCHEDULE = optim.Schedule(steps_per_epoch=1, epochs=10, peak_lr=1e-3, warmup_steps=1)
+
+
+def sgd(rate):
+  """Plain SGD at a fixed rate, whatever the schedule."""
+  return lambda lr: optax.sgd(rate)
+
+
+def _run(mesh, objective, steps=2, optimizer=optim.adamw, host=None, **model_kw):
   model = tiny_model(dtype=jnp.float32, **model_kw)
-  tx = tx or optim.adamw(optim.learning_rate(1e-3, 1, 10))
   host = host or _batch()
-  state, shardings = init_state(model, tx, mesh, host["image"].shape[1],
+  state, shardings = init_state(model, optimizer, mesh, host["image"].shape[1],
                                 objective=objective)
-  step = make_train_step(model, tx, objective, mesh, shardings, steps_per_epoch=1, epochs=10)
+  step = make_train_step(model, optimizer, objective, mesh, shardings)
   batch = parallel.global_batch(mesh, host)
   history = []
   for _ in range(steps):
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, SCHEDULE)
     history.append(metrics)
   return state, history, step
 
@@ -51,8 +59,8 @@ def test_sharded_step_equals_one_device():
   one = parallel.make_mesh(jax.devices()[:1])
   # Plain SGD, so parameters differ exactly by the gradients' differences
   # (Adam would turn float noise in near-zero gradients into lr-sized steps).
-  s8, m8, _ = _run(eight, objective, tx=optax.sgd(1.0))
-  s1, m1, _ = _run(one, objective, tx=optax.sgd(1.0))
+  s8, m8, _ = _run(eight, objective, optimizer=sgd(1.0))
+  s1, m1, _ = _run(one, objective, optimizer=sgd(1.0))
   for a, b in zip(m8, m1):
     for k in ("loss", "clip", "rank_cross", "rank_in", "distill_image", "distill_text"):
       np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
@@ -87,12 +95,11 @@ def test_objective_assembles_equation_4():
                         rank_gate=0.02)
   mesh = parallel.make_mesh(jax.devices()[:1])
   model = tiny_model(dtype=jnp.float32)
-  tx = optax.sgd(0.0)
   host = _batch()
-  state, shardings = init_state(model, tx, mesh, host["image"].shape[1])
+  state, shardings = init_state(model, sgd(0.0), mesh, host["image"].shape[1])
   params = jax.tree.map(np.asarray, state.params)
-  step = make_train_step(model, tx, objective, mesh, shardings, steps_per_epoch=1, epochs=4)
-  _, m = step(state, parallel.global_batch(mesh, host))
+  step = make_train_step(model, sgd(0.0), objective, mesh, shardings)
+  _, m = step(state, parallel.global_batch(mesh, host), SCHEDULE)
   expected = (m["clip"] + m["rank_weight"] * (m["rank_cross"] + m["rank_in"])
               + 0.7 * m["distill_image"] + 0.3 * m["distill_text"]
               + 0.05 * m["fusion_gate"] + 0.02 * m["rank_gate_penalty"])
@@ -111,8 +118,8 @@ def test_objective_assembles_equation_4():
 
 def test_fsdp_step_equals_data_parallel_step():
   objective = Objective(beta=0.0, high_order_len=None)
-  fsdp, _, _ = _run(parallel.make_mesh(fsdp=4), objective, tx=optax.sgd(1.0))
-  plain, _, _ = _run(parallel.make_mesh(), objective, tx=optax.sgd(1.0))
+  fsdp, _, _ = _run(parallel.make_mesh(fsdp=4), objective, optimizer=sgd(1.0))
+  plain, _, _ = _run(parallel.make_mesh(), objective, optimizer=sgd(1.0))
   sharded = [x for x in jax.tree.leaves(fsdp.params) if parallel.FSDP in x.sharding.spec]
   assert len(sharded) > 10                                   # parameters are split over fsdp
   _assert_params_close(fsdp.params, plain.params)
@@ -121,15 +128,14 @@ def test_fsdp_step_equals_data_parallel_step():
 def test_nonfinite_step_is_skipped_when_asked():
   mesh = parallel.make_mesh()
   model = tiny_model(dtype=jnp.float32)
-  tx = optim.adamw(optim.learning_rate(1e-3, 1, 10))
   host = _batch()
   host["teacher_patches"][0] = np.inf                      # poisons the image distillation
   for skip in (True, False):
-    state, shardings = init_state(model, tx, mesh, host["image"].shape[1])
+    state, shardings = init_state(model, optim.adamw, mesh, host["image"].shape[1])
     before = jax.tree.map(np.asarray, state.params)
-    step = make_train_step(model, tx, Objective(), mesh, shardings, steps_per_epoch=1,
-                           epochs=4, skip_nonfinite=skip)
-    state, m = step(state, parallel.global_batch(mesh, host))
+    step = make_train_step(model, optim.adamw, Objective(), mesh, shardings,
+                           skip_nonfinite=skip)
+    state, m = step(state, parallel.global_batch(mesh, host), SCHEDULE)
     assert not bool(m["finite"]) and not np.isfinite(float(m["distill_image"]))
     same = all(np.array_equal(a, np.asarray(b))
                for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)))
@@ -139,7 +145,7 @@ def test_nonfinite_step_is_skipped_when_asked():
 def test_cyclip_objective_adds_both_regularisers():
   mesh = parallel.make_mesh()
   objective = Objective(cyclic_in=0.25, cyclic_cross=0.5)
-  state, history, _ = _run(mesh, objective, steps=2, tx=optax.sgd(0.1), students="none",
+  state, history, _ = _run(mesh, objective, steps=2, optimizer=sgd(0.1), students="none",
                            rank_order=0)
   for m in history:
     assert float(m["cyclic_in"]) > 0 and float(m["cyclic_cross"]) > 0
@@ -156,7 +162,7 @@ def test_alip_objective_trains_both_paths_and_carries_its_momenta():
   from dinorank_jax.models.vit import normalise_images
   mesh = parallel.make_mesh()
   objective = Objective(alip=True)
-  state, history, _ = _run(mesh, objective, tx=optax.sgd(0.0), students="none", rank_order=0)
+  state, history, _ = _run(mesh, objective, optimizer=sgd(0.0), students="none", rank_order=0)
   # Step 1's terms: the gated InfoNCE of each path, from the initial momenta.
   model, host = tiny_model(dtype=jnp.float32, students="none", rank_order=0), _batch()
   variables = {"params": state.params}
@@ -178,9 +184,9 @@ def test_alip_objective_trains_both_paths_and_carries_its_momenta():
   # Synthetic captions equal to the raw ones: CLIP on each path, weights 1.
   host = _batch()
   host["syn_tokens"] = host["tokens"]
-  state, history, _ = _run(mesh, objective, tx=optax.sgd(0.1), host=host, students="none",
+  state, history, _ = _run(mesh, objective, optimizer=sgd(0.1), host=host, students="none",
                            rank_order=0)
-  _, plain, _ = _run(mesh, Objective(), tx=optax.sgd(0.1), host=host, students="none",
+  _, plain, _ = _run(mesh, Objective(), optimizer=sgd(0.1), host=host, students="none",
                      rank_order=0)
   for m, p in zip(history, plain):
     assert float(m["alip_sample_weight"]) == 1.0 and float(m["alip_text_weight"]) == 1.0
@@ -212,11 +218,9 @@ def test_accumulated_step_equals_the_whole_batch_step(students):
   results = []
   for accum in (1, 4):
     model = tiny_model(dtype=jnp.float32, students=students)
-    tx = optax.sgd(1.0)
-    state, shardings = init_state(model, tx, mesh, IMAGE, objective=objective)
-    step = make_train_step(model, tx, objective, mesh, shardings, steps_per_epoch=1, epochs=10,
-                           accum_steps=accum)
-    state, metrics = step(state, parallel.global_batch(mesh, host))
+    state, shardings = init_state(model, sgd(1.0), mesh, IMAGE, objective=objective)
+    step = make_train_step(model, sgd(1.0), objective, mesh, shardings, accum_steps=accum)
+    state, metrics = step(state, parallel.global_batch(mesh, host), SCHEDULE)
     results.append((state, metrics))
   (whole, m1), (accumulated, m4) = results
   for k in ("loss", "clip", "rank_cross", "rank_in", "grad_norm"):
@@ -227,10 +231,9 @@ def test_accumulated_step_equals_the_whole_batch_step(students):
 def test_gradient_clipping_bounds_the_update():
   mesh = parallel.make_mesh()
   model = tiny_model(dtype=jnp.float32)
-  objective, tx = Objective(), optax.sgd(1.0)
-  state, shardings = init_state(model, tx, mesh, IMAGE, objective=objective)
-  step = make_train_step(model, tx, objective, mesh, shardings, steps_per_epoch=1, epochs=10,
-                         clip_grad_norm=0.01)
-  _, metrics = step(state, parallel.global_batch(mesh, _batch()))
+  objective = Objective()
+  state, shardings = init_state(model, sgd(1.0), mesh, IMAGE, objective=objective)
+  step = make_train_step(model, sgd(1.0), objective, mesh, shardings, clip_grad_norm=0.01)
+  _, metrics = step(state, parallel.global_batch(mesh, _batch()), SCHEDULE)
   assert metrics["grad_norm"] > 0.01                       # logged before clipping
   np.testing.assert_allclose(metrics["update_norm"], 0.01, rtol=1e-3)   # SGD(1): update = grad

@@ -17,7 +17,8 @@ import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dinorank_jax import train
+from dinorank_jax import compilation, train
+from dinorank_jax.config import default_compilation_cache
 from dinorank_jax.data import records
 from dinorank_jax.losses.distill import CRITERIA
 from dinorank_jax.models.fusion import FUSION_MODES
@@ -39,17 +40,14 @@ META = {"vocab_size": 100, "eot_id": 99,
         "teacher": {"pca_dim": 8, "cls_dim": 10, "text_dim": 6}}
 
 
-def _env(tmp_path):
-  """Subprocess environment: later launches reuse the first one's compilations."""
-  return {**os.environ, "PYTHON": sys.executable,
-          "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+# Subprocesses inherit the run's compilation cache (tests/conftest.py): a
+# launch reads what an earlier test or launch compiled.
+ENV = {**os.environ, "PYTHON": sys.executable}
 
 
-def _main(tmp_path, workdir, *flags):
-  command = [sys.executable, "-m", "dinorank_jax.main", f"--workdir={workdir}", *flags,
-             f"--config.compilation_cache={tmp_path / 'jax_cache'}"]
-  return subprocess.Popen(command, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE,
+def _main(workdir, *flags):
+  command = [sys.executable, "-m", "dinorank_jax.main", f"--workdir={workdir}", *flags]
+  return subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
@@ -91,14 +89,14 @@ def test_every_config_loads_and_builds():
 
 
 def test_r3_without_data_names_the_flag(tmp_path):
-  proc = _main(tmp_path, tmp_path / "run", "--config=configs/r3.py")
+  proc = _main(tmp_path / "run", "--config=configs/r3.py")
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 1
   assert out.strip().splitlines()[-1] == (
       "error: config.data.path is not set: set --config.data.path to a records directory "
       "with teacher features (docs/data.md: dinorank_jax.data.build, then "
       "dinorank_jax.teacher.export)")
-  proc = _main(tmp_path, tmp_path / "run", "--config=configs/r3.py:/nowhere")
+  proc = _main(tmp_path / "run", "--config=configs/r3.py:/nowhere")
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 1 and "config.data.path=/nowhere holds no dataset" in out
 
@@ -128,11 +126,12 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypa
               "step_seconds", "samples_per_second", "grad_norm", "param_norm", "update_norm"):
     assert key in train_rows[-1], key
   assert train_rows[-1]["param_norm"] > train_rows[-1]["update_norm"] > 0
-  # Compiled once, ahead of the first step, and kept out of every step time.
+  # Compiled once, ahead of the first step, and kept out of every step time
+  # (compiled, or read from the run's cache: lowering is never cached).
   compiled = [m for m in logged if "compile/compile_seconds" in m]
   assert len(compiled) == 1 and compiled[0]["step"] == 0
   assert compiled[0]["compile/temp_bytes"] > 0 and compiled[0]["compile/equations"] > 0
-  assert train_rows[0]["step_seconds"] < compiled[0]["compile/compile_seconds"]
+  assert train_rows[0]["step_seconds"] < compiled[0]["compile/lower_seconds"]
   assert train_rows[11]["active_order"] == 1 and train_rows[12]["active_order"] == 2
   assert "zero_shot/colour" in logged[-1]
   assert json.load(open(os.path.join(workdir, "config.json")))["batch_size"] == 32
@@ -165,6 +164,30 @@ def test_nonfinite_loss_stops_naming_step_terms_and_checkpoint(tmp_path):
     train.train_and_evaluate(tiny_config(poisoned), str(tmp_path / "poisoned_run"))
 
 
+def test_resuming_with_more_epochs_reads_the_step_from_the_cache(tmp_path):
+  # The schedule is an argument of the step, not a constant of it: a finished
+  # run resumed with more epochs, another warm-up and learning rate compiles
+  # nothing new (a cache of its own, so no other test's program can answer).
+  root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
+  workdir = str(tmp_path / "run")
+  config = tiny_config(root)
+  config.epochs, config.data.eval_path = 2, ""
+  config.compilation_cache = str(tmp_path / "cache")
+  compilation.use_cache(config.compilation_cache)
+  try:
+    train.train_and_evaluate(config, workdir)
+    config.epochs, config.optim.warmup_steps, config.optim.lr = 5, 6, 1e-3
+    train.train_and_evaluate(config, workdir)
+  finally:
+    compilation.use_cache(default_compilation_cache())
+  compiles = [m["compile/from_cache"] for m in _metrics(workdir) if "compile/from_cache" in m]
+  assert compiles == [0.0, 1.0]
+  steps = [m["step"] for m in _metrics(workdir) if "loss" in m]
+  assert steps == list(range(1, 11))
+  lr = {m["step"]: m["lr"] for m in _metrics(workdir) if "lr" in m}
+  assert lr[10] < lr[7] and abs(lr[7] - 1e-3) < 1e-9     # lr(6): the new run's peak
+
+
 def _wait_for(predicate, proc, timeout=400):
   deadline = time.time() + timeout
   while not predicate():
@@ -178,22 +201,22 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
   flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=50",      # 200 steps
            "--config.checkpoint.every=100", "--config.data.eval_path=")
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  proc = _main(tmp_path, straight, *flags)
+  proc = _main(straight, *flags)
   assert proc.wait(timeout=600) == 0, proc.communicate()[0][-3000:]
 
-  proc = _main(tmp_path, resumed, *flags)
+  proc = _main(resumed, *flags)
   saved = lambda step: os.path.isdir(os.path.join(resumed, "checkpoints", str(step)))
   _wait_for(lambda: saved(100), proc)
   proc.send_signal(signal.SIGKILL)                      # no chance to save or clean up
   proc.wait()
   killed_at = max(m["step"] for m in _metrics(resumed))
-  proc = _main(tmp_path, resumed, *flags)                         # resumes from 100
+  proc = _main(resumed, *flags)                         # resumes from 100
   _wait_for(lambda: max(m["step"] for m in _metrics(resumed)) >= killed_at + 20, proc)
   proc.send_signal(signal.SIGTERM)                      # preemption: save, then exit
   assert proc.wait(timeout=300) == 0
   steps = sorted(int(s) for s in os.listdir(os.path.join(resumed, "checkpoints")))
   assert steps[-1] > killed_at and steps[-1] % 100     # the SIGTERM save
-  proc = _main(tmp_path, resumed, *flags)
+  proc = _main(resumed, *flags)
   assert proc.wait(timeout=600) == 0, proc.communicate()[0][-3000:]
 
   # Every step's loss after the resume equals the straight run's: same batches.
@@ -209,16 +232,14 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
   flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=3")  # 6 steps
   single = str(tmp_path / "single")
-  proc = _main(tmp_path, single, *flags)
+  proc = _main(single, *flags)
   assert proc.wait(timeout=600) == 0, proc.communicate()[0][-3000:]
   multi = str(tmp_path / "multi")
   # The single run's cache: process 0 loads the step from it while process 1
   # (which never writes the cache) compiles it, so their first collective
   # waits on `parallel.wait_for_all` rather than timing out in gloo.
-  proc = subprocess.run(["bash", LAUNCH_CPU, "2", "4", f"--workdir={multi}", *flags,
-                         f"--config.compilation_cache={tmp_path / 'jax_cache'}"], cwd=ROOT,
-                        env=_env(tmp_path),
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(["bash", LAUNCH_CPU, "2", "4", f"--workdir={multi}", *flags],
+                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
   one, two = _metrics(single), _metrics(multi)
   assert [m["step"] for m in one] == [m["step"] for m in two]

@@ -11,7 +11,8 @@ Suites (comma-separated, or `all`):
 
 * `compile`: tracing, lowering and compiling the initialiser and the train
   step at orders 0 and 3 from abstract shapes: equations, seconds, memory
-  (`bench.compile`); with `--target h100|h200|a100`, compiled for `--devices`
+  (`bench.compile`); `--breakdown` adds the order-3 step's equations by part
+  and each part's program compiled alone; with `--target h100|h200|a100`, compiled for `--devices`
   GPUs of that kind from any machine (the `gpu-aot` extra), each program's
   peak per device set against the GPU's memory; `--fit` then searches the
   largest rows per device that fit, for every remat policy;
@@ -88,6 +89,9 @@ def parse(argv=None):
                  "attention=cudnn or xla_gpu_enable_latency_hiding_scheduler=true (repeatable)")
   p.add_argument("--fit", action="store_true", help="with --target: the largest rows per "
                  "device that fit, for every remat policy (or the --model remat)")
+  p.add_argument("--breakdown", action="store_true", help="compile suite: also the order-3 "
+                 "step's equations by part (towers, students, fusion, each loss, optimiser) "
+                 "and each part compiled alone")
   p.add_argument("--rows", type=int, help="rows per device (default: the shape's)")
   p.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
   p.add_argument("--repeats", type=int, default=3, help="timed calls per round")
@@ -113,6 +117,8 @@ def parse(argv=None):
     p.error("--fit goes with --suite compile alone")
   if args.fit and not args.target:
     p.error("--fit needs --target h100|h200|a100")
+  if args.breakdown and (args.suites != ("compile",) or args.target):
+    p.error("--breakdown goes with --suite compile alone, without --target")
   args.device = args.device or ("gpu" if args.target else "cpu")
   for text in args.ab:
     try:
@@ -158,6 +164,11 @@ def main(argv=None):
                                            target=args.target, devices=args.devices)
     print(compile_suite.format_table(results["compile"], f"\ncompile ({args.device} shape"
                                      f"{where}, {args.model or 'default model'})"))
+    if args.breakdown:
+      save()
+      results["breakdown"] = compile_suite.breakdown(args.device)
+      print(compile_suite.format_breakdown(results["breakdown"], f"\nthe order-3 step by part "
+                                           f"({args.device} shape)"))
   save()
   if "memory" in args.suites:
     results["memory"] = memory = step.measure_memory(args.device, rows=args.rows)

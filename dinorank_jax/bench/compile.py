@@ -17,14 +17,27 @@ searches, for every remat policy and order, the largest rows per device
 whose train step fits.
 """
 
+import functools
+
 import jax
+import jax.numpy as jnp
+import optax
+from jax._src import source_info_util
+from jax.extend.core import jaxprs_in_params
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dinorank_jax import aot, compilation, parallel
-from dinorank_jax.bench.step import SHAPES, bench_model, synthetic_batch
+from dinorank_jax import aot, compilation, optim, parallel
+from dinorank_jax.bench.step import SCHEDULE, SHAPES, bench_model, synthetic_batch
 from dinorank_jax.checkpoint import abstract_state
+from dinorank_jax.data.tokenizer import CONTEXT_LENGTH
 from dinorank_jax.errors import UserError
+from dinorank_jax.losses.contrastive import clip_loss
+from dinorank_jax.losses.distill import align_teacher_grid, distill_loss
+from dinorank_jax.losses.ranking import rank_losses
+from dinorank_jax.models import list_heads
 from dinorank_jax.models.layers import REMAT_POLICIES
+from dinorank_jax.models.vit import vit_size
+from dinorank_jax.pooling import masked_adaptive_avg_pool
 from dinorank_jax.step import abstract_inputs, make_train_step, state_initializer
 
 GIB = 2 ** 30
@@ -56,10 +69,10 @@ class Programs:
       raise UserError("attention=cudnn cannot be compiled for a --target: JAX asks the local "
                       "cuDNN library and GPU when it traces that path; compile attention=xla "
                       "here, or time cudnn on the GPU (launch/gpu_bench.sh)")
-    model, objective, tx = bench_model(order, self.shape, overrides=overrides)
+    model, objective, optimizer = bench_model(order, self.shape, overrides=overrides)
     size = self.shape["image_size"]
-    init, shardings = state_initializer(model, tx, self.mesh, size, objective=objective)
-    return model, objective, tx, init, shardings
+    init, shardings = state_initializer(model, optimizer, self.mesh, size, objective=objective)
+    return model, objective, optimizer, init, shardings
 
   def _report(self, jitted, *args) -> dict:
     if not self.target:
@@ -75,14 +88,13 @@ class Programs:
 
   def compile_step(self, order: int, rows: int | None = None, **overrides) -> dict:
     """The train step at `rows` per device (default: the shape's)."""
-    model, objective, tx, init, shardings = self._model(order, overrides)
+    model, objective, optimizer, init, shardings = self._model(order, overrides)
     size = self.shape["image_size"]
     state = abstract_state(jax.eval_shape(init, *abstract_inputs(size)), shardings)
-    step = make_train_step(model, tx, objective, self.mesh, shardings, steps_per_epoch=1,
-                           epochs=64)
+    step = make_train_step(model, optimizer, objective, self.mesh, shardings)
     batch = abstract_batch(self.mesh, (rows or self.shape["rows"]) * self.mesh.devices.size,
                            self.shape)
-    return self._report(step, state, batch)
+    return self._report(step, state, batch, SCHEDULE)
 
 
 def run(shape_name: str, *, orders=(0, 3), rows: int | None = None,
@@ -155,4 +167,130 @@ def format_fit(table, title) -> str:
     tried = ", ".join(f"{k}: {v / GIB:.1f}" for k, v in r["peaks"].items())
     lines.append(f"{r['target']:<8}{r['order']:>6}{r['remat']:>10}"
                  f"{best or 'none fit':>14}{peak:>10}{r['limit_bytes'] / GIB:>11.1f}  {tried}")
+  return "\n".join(lines)
+
+
+# Where a jaxpr equation of the train step comes from: the first pattern of
+# its flax name stack or of its source file that matches. Sub-programs (a
+# scanned block, a checkpointed chunk) inherit their caller's part.
+PARTS = (("towers", ("image_tower", "text_tower")),
+         ("students", ("student_net", "_projection")),
+         ("fusion", ("_fusion",)),
+         ("rank terms", ("rank_head", "losses/ranking.py", "losses/plackett_luce.py",
+                         "models/rank_head.py")),
+         ("contrastive", ("losses/contrastive.py",)),
+         ("distillation", ("losses/distill.py", "pooling.py")),
+         ("optimiser", ("optax/", "dinorank_jax/optim.py")))
+
+
+def _part(eqn, inherited: str) -> str:
+  frame = source_info_util.user_frame(eqn.source_info.traceback)
+  where = f"{eqn.source_info.name_stack} {frame.file_name if frame else ''}"
+  for part, patterns in PARTS:
+    if any(p in where for p in patterns):
+      return part
+  return inherited
+
+
+def equations_by_part(jaxpr, inherited: str = "other", counts=None) -> dict[str, int]:
+  """Equations of a traced program (each sub-program counted once, as in
+  `compilation.count_equations`) by `PARTS`; the rest is `other` (the
+  step's glue: sharding, collectives, metrics)."""
+  counts = {} if counts is None else counts
+  for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+    part = _part(eqn, inherited)
+    counts[part] = counts.get(part, 0) + 1
+    for sub in jaxprs_in_params(eqn.params):
+      equations_by_part(sub, part, counts)
+  return counts
+
+
+def breakdown(shape_name: str, order: int = 3) -> list[dict]:
+  """The train step at `order` by part: its equations in the whole step
+  (`equations_by_part`), and each part's own program (forward and backward;
+  the optimiser's update) traced, lowered and compiled alone for one device
+  holding the step's global batch.
+  Parts compiled alone miss what XLA shares or fuses across them, so their
+  seconds add up to about, not exactly, the whole step's."""
+  programs = Programs(shape_name)
+  model, objective, optimizer, init, shardings = programs._model(order, {})
+  shape, size = programs.shape, programs.shape["image_size"]
+  state = abstract_state(jax.eval_shape(init, *abstract_inputs(size)), shardings)
+  rows = shape["rows"] * programs.mesh.devices.size
+  batch = abstract_batch(programs.mesh, rows, shape)
+  step = make_train_step(model, optimizer, objective, programs.mesh, shardings)
+  whole = step.trace(state, batch, SCHEDULE)
+  by_part = equations_by_part(whole.jaxpr)
+  params = state.params
+  images = jax.ShapeDtypeStruct((rows, size, size, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((rows, CONTEXT_LENGTH), jnp.int32)
+  out = jax.eval_shape(lambda p, i, t: model.apply({"params": p}, i, t), params, images, tokens)
+  key = jax.random.key(0)
+  scalar_sum = lambda tree: sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(tree)
+                                if jnp.issubdtype(x.dtype, jnp.inexact))
+
+  def model_part(students):
+    m = model.clone(students=students)
+    p = jax.eval_shape(lambda i, t: m.init(key, i, t), images, tokens)["params"]
+    return (jax.jit(jax.grad(lambda p, i, t: scalar_sum(m.apply({"params": p}, i, t)))),
+            (p, images, tokens))
+
+  def rank(p, u, v, scale):
+    heads = list_heads(model, {"params": p})
+    return sum(rank_losses(u, v, scale, image_head=heads[0], text_head=heads[1],
+                           tie_key=key, active_order=order, list_len=objective.list_len,
+                           high_order_len=objective.high_order_len))
+
+  def distill(student_image, student_text, batch):
+    side = size // vit_size(model.image_student)[3]
+    teacher = {"tokens": align_teacher_grid(batch["teacher_patches"], batch["crop"],
+                                            batch["flip"], (side, side)),
+               "cls": batch["teacher_cls"]}
+    image = distill_loss(objective.criterion, student_image, teacher, key=key)[0]
+    pool = functools.partial(masked_adaptive_avg_pool, num_segments=objective.text_slots)
+    student = {**student_text, "tokens": pool(student_text["tokens"], student_text["mask"])}
+    teacher = {"tokens": pool(batch["teacher_text_tokens"], batch["teacher_text_mask"]),
+               "cls": batch["teacher_text_pooled"]}
+    return image + distill_loss(objective.criterion, student, teacher, key=key)[0]
+
+  def update(grads, opt_state, params):
+    tx = optimizer(optim.learning_rate(SCHEDULE))
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, optax.tree.norm(updates)
+
+  local = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  parts = {
+      "towers": model_part("none"),
+      "towers, students, fusion": model_part(model.students),
+      "rank terms": (jax.jit(jax.grad(rank, argnums=(0, 1, 2, 3))),
+                     (params, out["image"], out["text"], out["scale"])),
+      "contrastive": (jax.jit(jax.grad(lambda u, v, s: clip_loss(u, v, s)[0], argnums=(0, 1, 2))),
+                      (out["image"], out["text"], out["scale"])),
+      "distillation": (jax.jit(jax.grad(distill, argnums=(0, 1), allow_int=True)),
+                       (out["image_student"], out["text_student"], local)),
+      "optimiser": (jax.jit(update), (params, state.opt_state, params)),
+  }
+  table = []
+  for name, (jitted, args) in parts.items():
+    report = compilation.compile_ahead(jitted, *args)[1]
+    table.append({"part": name, "step_equations": by_part.get(name),
+                  "equations_total": report["equations_total"],
+                  "lower_seconds": report["lower_seconds"],
+                  "compile_seconds": report["compile_seconds"]})
+  report = compilation.compile_ahead(step, state, batch, SCHEDULE)[1]
+  table.append({"part": "whole step", "step_equations": sum(by_part.values()),
+                "equations_total": report["equations_total"],
+                "lower_seconds": report["lower_seconds"],
+                "compile_seconds": report["compile_seconds"], "by_part": by_part})
+  return table
+
+
+def format_breakdown(table, title) -> str:
+  lines = [title, f"{'part':<26}{'in step':>9}{'alone':>8}{'lower s':>9}{'compile s':>11}"]
+  for r in table:
+    lines.append(f"{r['part']:<26}{r['step_equations'] or '-':>9}{r['equations_total']:>8}"
+                 f"{r['lower_seconds']:>9.1f}{r['compile_seconds']:>11.1f}")
+  by_part = table[-1]["by_part"]
+  lines.append("equations of the step by part: " + ", ".join(
+      f"{k} {v}" for k, v in sorted(by_part.items(), key=lambda kv: -kv[1])))
   return "\n".join(lines)

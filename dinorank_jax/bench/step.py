@@ -17,6 +17,7 @@ MFU = analytic model FLOPs of the step (`bench.flops`) / step time / the
 devices' peak dense bf16 rate (from the vendor's sheet, or `peak_tflops`).
 """
 
+import functools
 import statistics
 import time
 
@@ -46,6 +47,8 @@ SHAPES = {
             "image_size": 32, "rows": 128, "dtype": "float32",
             "teacher": {"grid": 4, "pca_dim": 8, "cls_dim": 10, "text_len": 12, "text_dim": 6}},
 }
+# One step per epoch, so every rank order is active from step WARM_START_EPOCHS[1].
+SCHEDULE = optim.Schedule(steps_per_epoch=1, epochs=64, peak_lr=5e-4, warmup_steps=1)
 # Dense bf16 peak per device, TFLOP/s (NVIDIA data sheets, SXM parts).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -80,22 +83,21 @@ def synthetic_batch(rows: int, image_size: int, teacher: dict, seed: int = 0) ->
 
 
 def bench_model(order: int, shape: dict, students: str = "both", overrides: dict | None = None):
-  """`(model, objective, tx)` of the paper's config at `order`, resized to
-  `shape`, with `overrides` of `config.model` fields (e.g. `scan`, `remat`)."""
+  """`(model, objective, optimizer)` of the paper's config at `order`, resized
+  to `shape`, with `overrides` of `config.model` fields (e.g. `scan`, `remat`)."""
   c = config_lib.paper(order=order, students=students)
   c.model.update(**{**shape["model"], "dtype": shape["dtype"], **(overrides or {})})
   model = build_model(c, {"vocab_size": VOCAB_SIZE, "eot_id": EOT_ID})
   objective = Objective(**c.objective.to_dict())
-  tx = optim.adamw(optim.learning_rate(c.optim.lr, 1, 100), c.optim.weight_decay)
-  return model, objective, tx
+  return model, objective, functools.partial(optim.adamw, weight_decay=c.optim.weight_decay)
 
 
-def random_state(model, tx, mesh, image_size: int, objective: Objective, seed: int = 0):
+def random_state(model, optimizer: optim.Optimizer, mesh, image_size: int, objective: Objective, seed: int = 0):
   """`(state, shardings)` with parameters drawn straight from the abstract
   shapes (normal, scaled by 0.02; the values do not matter for timing), so
   no initialiser is compiled on the device. Past the staged warm start (one
   step per "epoch"), so every order is active."""
-  init, shardings = state_initializer(model, tx, mesh, image_size, seed, objective)
+  init, shardings = state_initializer(model, optimizer, mesh, image_size, seed, objective)
   abstract = jax.eval_shape(init, *abstract_inputs(image_size)).params
   leaves, treedef = jax.tree.flatten(abstract)
 
@@ -104,6 +106,7 @@ def random_state(model, tx, mesh, image_size: int, objective: Objective, seed: i
     return treedef.unflatten([0.02 * jax.random.normal(k, x.shape, x.dtype)
                               for k, x in zip(keys, leaves)])
   params = jax.jit(draw, out_shardings=shardings.params)(jax.random.key(seed))
+  tx = optimizer(optim.learning_rate(SCHEDULE))
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   step = jax.device_put(jnp.int32(WARM_START_EPOCHS[1]), shardings.step)
   return TrainState(step, params, opt_state, {}), shardings   # no ALIP statistics
@@ -113,11 +116,11 @@ def compile_step(order: int, shape: dict, mesh, host_batch: dict, students: str 
                  overrides: dict | None = None, compiler_options: dict | None = None):
   """`[compiled step, state, batch, model, compile report]` for one model
   (`compilation.compile_ahead`'s report)."""
-  model, objective, tx = bench_model(order, shape, students, overrides)
-  state, shardings = random_state(model, tx, mesh, shape["image_size"], objective)
-  step = make_train_step(model, tx, objective, mesh, shardings, steps_per_epoch=1, epochs=64)
+  model, objective, optimizer = bench_model(order, shape, students, overrides)
+  state, shardings = random_state(model, optimizer, mesh, shape["image_size"], objective)
+  step = make_train_step(model, optimizer, objective, mesh, shardings)
   batch = parallel.global_batch(mesh, host_batch)
-  compiled, report = compilation.compile_ahead(step, state, batch,
+  compiled, report = compilation.compile_ahead(step, state, batch, SCHEDULE,
                                                compiler_options=compiler_options)
   return [compiled, state, batch, model, report]
 
@@ -139,7 +142,7 @@ def variant(text: str) -> tuple[dict, dict]:
 
 def _run_steps(run, count):
   for _ in range(count):
-    run[1], metrics = run[0](run[1], run[2])
+    run[1], metrics = run[0](run[1], run[2], SCHEDULE)
   jax.block_until_ready((run[1], metrics))
 
 

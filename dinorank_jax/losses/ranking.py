@@ -96,11 +96,16 @@ def rank_losses(u: jax.Array, v: jax.Array, scale: jax.Array, *,
   gather = axis_name if scope == "global" else None
   u_items, _ = gather_items(u, gather)
   v_items, _ = gather_items(v, gather)
-  keys = [None] * 4 if tie_key is None else list(jax.random.split(tie_key, 4))
-  cross = mutual_rank_term(text_head, scale * u @ v_items.T, v_items,      # rows of S
-                           image_head, scale * v @ u_items.T, u_items,     # rows of Sᵀ
-                           tie_keys=keys[:2], **head_kwargs)
-  in_modal = mutual_rank_term(image_head, scale * u @ u_items.T, u_items,  # rows of S^I
-                              text_head, scale * v @ v_items.T, v_items,   # rows of S^T
-                              tie_keys=keys[2:], **head_kwargs)
+  s, s_t = scale * u @ v_items.T, scale * v @ u_items.T          # rows of S and of Sᵀ
+  s_i, s_tt = scale * u @ u_items.T, scale * v @ v_items.T       # rows of S^I and of S^T
+  # Each head scores its two lists (the terms of `mutual_rank_term`) in one
+  # vmapped call: one copy of its program, not two.
+  keys = None if tie_key is None else jax.random.split(tie_key, 4)
+  pick = lambda *i: None if keys is None else keys[jnp.asarray(i)]
+  both = lambda head, preds, refs, items, keys: jax.vmap(
+      lambda p, r, k: head(p, r, items, tie_key=k, **head_kwargs),
+      in_axes=(0, 0, None if keys is None else 0))(jnp.stack(preds), jnp.stack(refs), keys)
+  text = both(text_head, (s, s_tt), (s_t, s_i), v_items, pick(0, 3))
+  image = both(image_head, (s_t, s_i), (s, s_tt), u_items, pick(1, 2))
+  cross, in_modal = 0.5 * (text[0] + image[0]), 0.5 * (image[1] + text[1])
   return global_mean(cross, axis_name), global_mean(in_modal, axis_name)

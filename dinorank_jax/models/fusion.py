@@ -97,7 +97,7 @@ class Fusion(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     mask = jnp.ones(tokens.shape[:2], bool) if mask is None else mask
     bins = (1,) if self.mode == "single_scale" else self.bins
-    y = jnp.concatenate([adaptive_max_pool(tokens, mask, k) for k in bins], axis=1)
+    y = adaptive_max_pool(tokens, mask, bins)                   # every level at once
     if self.mode != "spp_no_cbam":
       y = ChannelSpatialAttention(**kw, name="cbam")(y)
     if self.mode != "spp_no_refiner":
