@@ -256,7 +256,8 @@ def breakdown(shape_name: str, order: int = 3) -> list[dict]:
   def update(grads, opt_state, params):
     tx = optimizer(optim.learning_rate(SCHEDULE))
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, optax.tree.norm(updates)
+    new = optax.apply_updates(params, updates)
+    return new, opt_state, optim.global_norms(grads, new, updates)
 
   local = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
   parts = {
