@@ -5,7 +5,7 @@ VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,6 +37,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
 	  $(PYTHON) -m pytest -q -n 2 tests
+
+# The quick loop: every test not marked slow (pyproject.toml's markers).
+test-fast: $(STAMP)
+	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+	  $(PYTHON) -m pytest -q -n 2 -m "not slow" tests
 
 clean:
 	rm -rf $(VENV)

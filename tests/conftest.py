@@ -25,3 +25,9 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.25")
 
 pytest_plugins = ["tests.compile_times"]
+
+
+def pytest_collection_modifyitems(config, items):
+  """Slow tests first: xdist hands tests out in this order, so the longest
+  ones start at once instead of ending the run on one worker."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -113,6 +113,7 @@ def test_the_refusal_names_peak_limit_and_settings_that_fit():
 
 
 @needs_plugin
+@pytest.mark.slow
 def test_bench_compiles_the_train_step_for_h100_with_xla_attention_and_refuses_it(
     tmp_path, capsys):
   with pytest.raises(SystemExit, match="attention=cudnn cannot be compiled for a --target"):
@@ -136,6 +137,7 @@ def test_bench_compiles_the_train_step_for_h100_with_xla_attention_and_refuses_i
 
 
 @needs_plugin
+@pytest.mark.slow
 def test_bench_fit_writes_the_largest_rows_of_each_policy(tmp_path, capsys):
   out = tmp_path / "fit.json"
   bench.main(["--suite", "compile", "--target", "h200", "--device", "cpu", "--fit",
@@ -147,6 +149,7 @@ def test_bench_fit_writes_the_largest_rows_of_each_policy(tmp_path, capsys):
   assert list(row["peaks"]) == ["1024"] and row["limit_bytes"] == int(0.75 * 143771 * 2 ** 20)
 
 
+@pytest.mark.slow
 def test_the_trainer_refuses_a_step_over_its_budget_before_running_it(tmp_path):
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
   config = tiny_config(root)
@@ -162,6 +165,7 @@ def test_the_trainer_refuses_a_step_over_its_budget_before_running_it(tmp_path):
       (tmp_path / "run" / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_gpu_bench_script_runs_end_to_end_at_a_tiny_shape(tmp_path):
   """With the plugin, the measured peak has the H200's AOT prediction beside
   it; without, `TARGET=` leaves that out and the rest still runs."""

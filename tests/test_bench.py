@@ -46,6 +46,7 @@ def test_train_step_flops_are_three_forwards_plus_similarities():
   assert 200e12 < parts["total"] < 250e12            # ≈ 18.2 GFLOP × 3 × 4096
 
 
+@pytest.mark.slow
 def test_bench_command_runs_every_step_suite_and_writes_a_trace(tmp_path, capsys):
   out = tmp_path / "bench.json"
   bench.main(["--suite", "step,mfu", "--orders", "0,3", "--rows", "4", "--rounds", "1",
@@ -66,6 +67,7 @@ def test_bench_command_runs_every_step_suite_and_writes_a_trace(tmp_path, capsys
     assert glob.glob(str(tmp_path / "trace" / "**" / pattern), recursive=True), pattern
 
 
+@pytest.mark.slow
 def test_compile_suite_reports_every_program_and_scanning_shrinks_it(tmp_path, capsys):
   out = tmp_path / "compile.json"
   bench.main(["--suite", "compile", "--no_compilation_cache", "--breakdown", "--json", str(out)])

@@ -3,6 +3,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from dinorank_jax import optim, parallel
 from dinorank_jax.checkpoint import Checkpointer, abstract_state
@@ -38,6 +39,7 @@ def _train(state, step, iterator, mesh, n, seen):
   return state
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_parameters_and_batches(tmp_path):
   data, mesh = _dataset(tmp_path), parallel.make_mesh()
   straight_batches, resumed_batches = [], []

@@ -23,6 +23,7 @@ CAPTIONS = ["a large red circle", "two shapes: a small blue square and a cross",
             "a picture of a large dotted green triangle on a pink background"] * 3
 
 
+@pytest.mark.slow
 def test_export_round_trip_equals_the_trained_model(tmp_path, caplog):
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64, num_eval=32)
   workdir, out = str(tmp_path / "run"), str(tmp_path / "export")

@@ -94,6 +94,7 @@ def _largest_file(directory: str) -> str:
   return max(files, key=os.path.getsize)
 
 
+@pytest.mark.slow
 def test_resume_falls_back_refuses_changed_fields_and_keeps_every_config(tmp_path, caplog):
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64, num_eval=32)
   work = str(tmp_path / "run")

@@ -25,6 +25,7 @@ def _abstract_count(module, *shapes):
   return count(jax.eval_shape(module.init, jax.random.key(0), *args)["params"])
 
 
+@pytest.mark.slow
 def test_full_model_shapes_and_bf16_compute_with_float32_params():
   model = tiny_model()
   variables = model.init(jax.random.key(0), _images(), tokens([3, 5, 0, 70]))

@@ -84,6 +84,7 @@ def _setup(order=3):
   return model, model.init(jax.random.key(1), images, toks), images, toks
 
 
+@pytest.mark.slow
 def test_decay_mask_and_order_tags():
   _, variables, _, _ = _setup()
   params = variables["params"]
@@ -96,6 +97,7 @@ def test_decay_mask_and_order_tags():
   assert set(jax.tree.leaves(tags["image_tower"])) == {0} and tags["logit_scale"] == 0
 
 
+@pytest.mark.slow
 def test_staged_warm_start_freezes_exactly_without_recompiling():
   model, variables, images, toks = _setup()
   schedule = _schedule(steps_per_epoch=2, epochs=20, peak_lr=1e-2, warmup_steps=2)

@@ -34,9 +34,9 @@ def _head(order, pred, ref, items, gate_logit=0.0, dtype=jnp.float32, **fields):
   return module, params
 
 
-@pytest.mark.parametrize("m", [1, 7, 32, 33, 100, 1024])
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 100, 1024])
 def test_suffix_logsumexp_equals_the_float64_sums(m):
-  # Two levels of blocks (32 columns) must give every suffix, at any M, and a
+  # Two levels of blocks (16 columns) must give every suffix, at any M, and a
   # finite gradient when the scores span hundreds (exp underflows there).
   x = 80.0 * np.random.default_rng(m).normal(size=(3, m))
   expected = np.stack([[np.logaddexp.reduce(row[k:]) for k in range(m)] for row in x])

@@ -52,6 +52,7 @@ def _run(mesh, objective, steps=2, optimizer=optim.adamw, host=None, **model_kw)
   return state, history, step
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_one_device():
   # RKD is defined across each shard's own rows, so it is off for this comparison.
   objective = Objective(beta=0.0, high_order_len=None)
@@ -76,6 +77,7 @@ def _assert_params_close(params, expected):
     assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-6, jax.tree_util.keystr(path)
 
 
+@pytest.mark.slow
 def test_full_objective_trains_without_recompiling():
   state, history, step = _run(parallel.make_mesh(), Objective(), steps=3, rank_order=3)
   assert step._cache_size() == 1 and int(state.step) == 3
@@ -87,6 +89,7 @@ def test_full_objective_trains_without_recompiling():
   assert float(history[-1]["loss"]) < float(first["loss"])
 
 
+@pytest.mark.slow
 def test_objective_assembles_equation_4():
   from dinorank_jax.losses.distill import align_teacher_grid
   from dinorank_jax.losses.distill import gram_loss
@@ -116,6 +119,7 @@ def test_objective_assembles_equation_4():
   np.testing.assert_allclose(m["fusion_gate"], jnp.mean(gates), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_step_equals_data_parallel_step():
   objective = Objective(beta=0.0, high_order_len=None)
   fsdp, _, _ = _run(parallel.make_mesh(fsdp=4), objective, optimizer=sgd(1.0))
@@ -125,6 +129,7 @@ def test_fsdp_step_equals_data_parallel_step():
   _assert_params_close(fsdp.params, plain.params)
 
 
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped_when_asked():
   mesh = parallel.make_mesh()
   model = tiny_model(dtype=jnp.float32)
@@ -155,6 +160,7 @@ def test_cyclip_objective_adds_both_regularisers():
     np.testing.assert_allclose(m["loss"], expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_alip_objective_trains_both_paths_and_carries_its_momenta():
   from dinorank_jax.losses.alip import consistency_gates
   from dinorank_jax.losses.contrastive import clip_loss
@@ -202,6 +208,7 @@ def test_projected_distillation_criteria_train(criterion):
   assert np.isfinite(float(history[0]["loss"])) and float(history[0]["distill_text"]) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("students", ["both", "none"])
 def test_accumulated_step_equals_the_whole_batch_step(students):
   """`accum_steps=4` (micro-batches of B/4) gives the batch-B step: the same

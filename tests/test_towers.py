@@ -209,6 +209,7 @@ def test_a_checkpoint_of_another_layout_is_refused_in_one_line():
   checkpoint.check_params(scanned, scanned, "checkpoint 8 in D")
 
 
+@pytest.mark.slow
 def test_resuming_an_unrolled_run_with_scanned_stacks_names_the_flag(tmp_path):
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64, num_eval=32)
   config = tiny_config(root)

@@ -101,6 +101,7 @@ def test_r3_without_data_names_the_flag(tmp_path):
   assert proc.returncode == 1 and "config.data.path=/nowhere holds no dataset" in out
 
 
+@pytest.mark.slow
 def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypatch):
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=128)
   workdir = str(tmp_path / "run")
@@ -144,6 +145,7 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypa
   assert len([m for m in _metrics(workdir) if "loss" in m]) == 16
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_step_terms_and_checkpoint(tmp_path):
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
   workdir = str(tmp_path / "run")
@@ -164,6 +166,7 @@ def test_nonfinite_loss_stops_naming_step_terms_and_checkpoint(tmp_path):
     train.train_and_evaluate(tiny_config(poisoned), str(tmp_path / "poisoned_run"))
 
 
+@pytest.mark.slow
 def test_resuming_with_more_epochs_reads_the_step_from_the_cache(tmp_path):
   # The schedule is an argument of the step, not a constant of it: a finished
   # run resumed with more epochs, another warm-up and learning rate compiles
@@ -196,26 +199,27 @@ def _wait_for(predicate, proc, timeout=400):
     time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=128)
-  flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=50",      # 200 steps
-           "--config.checkpoint.every=100", "--config.data.eval_path=")
+  flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=25",      # 100 steps
+           "--config.checkpoint.every=50", "--config.data.eval_path=")
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   proc = _main(straight, *flags)
   assert proc.wait(timeout=600) == 0, proc.communicate()[0][-3000:]
 
   proc = _main(resumed, *flags)
   saved = lambda step: os.path.isdir(os.path.join(resumed, "checkpoints", str(step)))
-  _wait_for(lambda: saved(100), proc)
+  _wait_for(lambda: saved(50), proc)
   proc.send_signal(signal.SIGKILL)                      # no chance to save or clean up
   proc.wait()
   killed_at = max(m["step"] for m in _metrics(resumed))
-  proc = _main(resumed, *flags)                         # resumes from 100
-  _wait_for(lambda: max(m["step"] for m in _metrics(resumed)) >= killed_at + 20, proc)
+  proc = _main(resumed, *flags)                         # resumes from 50
+  _wait_for(lambda: max(m["step"] for m in _metrics(resumed)) >= killed_at + 10, proc)
   proc.send_signal(signal.SIGTERM)                      # preemption: save, then exit
   assert proc.wait(timeout=300) == 0
   steps = sorted(int(s) for s in os.listdir(os.path.join(resumed, "checkpoints")))
-  assert steps[-1] > killed_at and steps[-1] % 100     # the SIGTERM save
+  assert steps[-1] > killed_at and steps[-1] % 50      # the SIGTERM save
   proc = _main(resumed, *flags)
   assert proc.wait(timeout=600) == 0, proc.communicate()[0][-3000:]
 
@@ -224,10 +228,11 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
   for m in _metrics(resumed):
     if "loss" in m:                                   # not the compile rows of each start
       assert m["loss"] == first[m["step"]], m["step"]
-  for a, b in zip(_saved_params(straight, 200), _saved_params(resumed, 200)):
+  for a, b in zip(_saved_params(straight, 100), _saved_params(resumed, 100)):
     np.testing.assert_array_equal(a, b)                 # bit-exact on CPU
 
 
+@pytest.mark.slow
 def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
   flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=3")  # 6 steps

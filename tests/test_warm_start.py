@@ -38,6 +38,7 @@ def clip_checkpoint(tmp_path_factory):
   return theirs, str(root / "clip.pt"), str(root / "imported")
 
 
+@pytest.mark.slow
 def test_a_run_starts_from_clip_trunks_and_hands_them_back(clip_checkpoint, tmp_path, caplog):
   """Import, train (students and order-3 heads fresh), export to open_clip and
   transformers: at a learning rate of 1e-12 the trunks are still the
