@@ -1,15 +1,17 @@
 """Inference export of a trained run, and the loader evaluation tools use.
 
     python -m dinorank_jax.export --workdir runs/r3 --out exports/r3 [--step N] [--data DIR]
-                                  [--format open_clip] [--format hf]
+                                  [--format open_clip] [--format hf] [--overwrite]
 
 writes `DIR/params` (an orbax checkpoint of the parameters that embed:
 trunks, students, fusion and the logit scale; no optimiser state, no rank
 heads, no teacher projections), `DIR/model_config.json` (the model's
 constructor arguments, the input side, the tokenizer reference and where the
 parameters came from) and `DIR/manifest.json` (the SHA-256 and size of every
-file under `params/`, checked by `load`: a damaged or altered export is
-refused in one line instead of embedding garbage). The model's vocabulary
+other file, checked by `load`: a damaged or altered export is refused in one
+line instead of embedding garbage). The export is written beside `DIR` and
+renamed into place when complete; an existing export at `DIR` is replaced
+only with `--overwrite`. The model's vocabulary
 and teacher widths are read from the run's dataset metadata
 (`config.data.path`, or `--data`). `--format open_clip` also writes
 `DIR/open_clip/` (open_clip's config and safetensors state dict), `--format hf`
@@ -29,8 +31,11 @@ padded).
 import argparse
 import hashlib
 import json
+import errno
 import logging
 import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +51,12 @@ from dinorank_jax.models.layers import stack_layers
 from dinorank_jax.models.vit import normalise_images
 
 # 2: scanned encoders (`encoder/blocks`, stacked); 1: unrolled (`block_{i}`),
-# converted by `stack_layers` on load.
-FORMAT_VERSION = 2
+# converted by `stack_layers` on load. 3: format 2 whose manifest covers every
+# file (the config and the CLIP checkpoints too) and must be present.
+FORMAT_VERSION = 3
 CONFIG_FILE = "model_config.json"
 MANIFEST = "manifest.json"
+_PARTS = ("params", *convert.FORMATS)     # an export's directories
 
 
 class DamagedExport(errors.UserError, ValueError):
@@ -65,27 +72,45 @@ def _sha256(path: str) -> str:
 
 
 def manifest(directory: str) -> dict[str, dict]:
-  """`{relative path: {"sha256", "bytes"}}` of every file under `directory/params`."""
-  root = os.path.join(directory, "params")
+  """`{relative path: {"sha256", "bytes"}}` of every file of the export at
+  `directory` but the manifest itself."""
   out = {}
-  for folder, _, files in os.walk(root):
+  for folder, _, files in os.walk(directory):
     for name in files:
       path = os.path.join(folder, name)
-      out[os.path.relpath(path, directory)] = {"sha256": _sha256(path),
-                                               "bytes": os.path.getsize(path)}
+      relative = os.path.relpath(path, directory)
+      if relative != MANIFEST:
+        out[relative] = {"sha256": _sha256(path), "bytes": os.path.getsize(path)}
   return dict(sorted(out.items()))
 
 
-def verify(directory: str) -> None:
-  """Raises `DamagedExport` unless the files under `params/` are the manifest's."""
+def _covered(name: str, legacy: bool) -> bool:
+  """Whether the manifest must list `name`: every file of the export (format
+  3 on), or those under `params/` (a format 1 or 2 manifest)."""
+  top = name.split(os.sep)[0]
+  return top == "params" if legacy else (name == CONFIG_FILE or top in _PARTS)
+
+
+def verify(directory: str, required: bool = True) -> None:
+  """Raises `DamagedExport` unless the export's files are its manifest's.
+  Without a manifest: an error when `required` (format 3 on), else a warning
+  (exports from before checksums)."""
   path = os.path.join(directory, MANIFEST)
+  again = ("write it again (python -m dinorank_jax.export, or python -m dinorank_jax.convert "
+           "import)")
   if not os.path.exists(path):
+    if required:
+      raise DamagedExport(f"{path} is missing, so the export's files cannot be checked: {again}")
     logging.warning("%s has no %s (exported before checksums): not verified", directory,
                     MANIFEST)
     return
-  with open(path) as f:
-    expected = json.load(f)
-  found = manifest(directory)
+  try:
+    with open(path) as f:
+      expected = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    raise DamagedExport(f"{path} is damaged (not JSON): {again}") from None
+  legacy = CONFIG_FILE not in expected
+  found = {k: v for k, v in manifest(directory).items() if _covered(k, legacy)}
   for name in sorted(expected.keys() | found.keys()):
     if name not in found:
       why = "is missing"
@@ -95,8 +120,16 @@ def verify(directory: str) -> None:
       why = "differs from the manifest (damaged or altered since the export)"
     else:
       continue
-    raise DamagedExport(f"{os.path.join(directory, name)} {why}: export the run again "
-                        "(python -m dinorank_jax.export)")
+    raise DamagedExport(f"{os.path.join(directory, name)} {why}: {again}")
+
+
+def check_finite(params: dict, where: str) -> None:
+  """Raises a one-line `UserError` naming the first parameter that holds NaN or Inf."""
+  for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not np.isfinite(np.asarray(value, np.float32)).all():
+      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      raise errors.UserError(f"{where}: parameter {name} holds NaN or Inf values: "
+                             "not a usable model (export an earlier --step)")
 
 
 def _on_one_device(tree):
@@ -122,9 +155,10 @@ def trained_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
 
 
 def export(workdir: str, out: str, *, step: int | None = None, data: str | None = None,
-           formats: tuple[str, ...] = ()) -> dict:
+           formats: tuple[str, ...] = (), overwrite: bool = False) -> dict:
   """Writes the inference export of `workdir` to `out` (and the CLIP
-  checkpoints of `formats`); returns its config."""
+  checkpoints of `formats`; see `write`); returns its config."""
+  check_out(os.path.abspath(out), overwrite)             # before the restore
   try:
     with open(os.path.join(workdir, "config.json")) as f:
       config = ml_collections.ConfigDict(json.load(f))
@@ -154,29 +188,85 @@ def export(workdir: str, out: str, *, step: int | None = None, data: str | None 
   model = _model(model_config)
   keep = jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs(model_config))["params"]
   params = {k: params[k] for k in keep}
+  model_config = write(out, model_config, params, formats=formats, overwrite=overwrite)
+  note = convert.students_left_behind(model_config)
+  for fmt in formats if note else ():
+    logging.warning("--format %s: %s", fmt, note)
+  return model_config
+
+
+def write(out: str, model_config: dict, params: dict, *, formats: tuple[str, ...] = (),
+          overwrite: bool = False) -> dict:
+  """The export at `out`: `params/`, `model_config.json`, a CLIP checkpoint
+  per format of `formats` (`convert.FORMATS`, in `out/<format>/`) and the
+  manifest of them all; returns the config as written.
+
+  Atomic and exclusive: everything is written to a temporary sibling of
+  `out`, renamed into place only when complete, so a failure (a full disk
+  included) leaves any previous export as it was. A non-empty `out` is
+  refused unless `overwrite` and it holds an export, which is then replaced
+  whole (no stale `open_clip/` or `hf/` stays beside the new files)."""
+  out = os.path.abspath(out)
+  check_out(out, overwrite)
+  check_finite(params, out)
+  model_config = {"format_version": FORMAT_VERSION,
+                  **{k: v for k, v in model_config.items() if k != "format_version"}}
   # Converted first: a format that cannot hold the trunks is refused before
   # anything is written.
-  checkpoints = {fmt: clip_checkpoint(fmt, model_config, params) for fmt in formats}
-  model_config = write(out, model_config, params)
-  for fmt, checkpoint in checkpoints.items():
-    write_clip_checkpoint(out, fmt, model_config, checkpoint)
-    note = convert.students_left_behind(model_config)
-    if note:
-      logging.warning("--format %s: %s", fmt, note)
+  clips = {fmt: clip_checkpoint(fmt, model_config, params) for fmt in formats}
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-",
+                             dir=os.path.dirname(out))
+  try:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(staging, "params"), params)
+    checkpointer.wait_until_finished()
+    records.write_json(os.path.join(staging, CONFIG_FILE), model_config)
+    for fmt, clip in clips.items():
+      _write_clip_checkpoint(staging, os.path.basename(out), fmt, model_config, clip)
+    records.write_json(os.path.join(staging, MANIFEST), manifest(staging))
+    _replace(staging, out)
+  except BaseException as e:
+    shutil.rmtree(staging, ignore_errors=True)
+    if "RESOURCE_EXHAUSTED" in str(e) or "No space left" in str(e):   # orbax's, tensorstore's
+      raise OSError(errno.ENOSPC, "No space left on device", out) from None
+    raise
   return model_config
 
 
-def write(out: str, model_config: dict, params: dict) -> dict:
-  """`out/params`, its manifest and `out/model_config.json`; returns the
-  config as written."""
-  model_config = {"format_version": FORMAT_VERSION, **model_config}
-  os.makedirs(out, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(os.path.abspath(out), "params"), params, force=True)
-  checkpointer.wait_until_finished()
-  records.write_json(os.path.join(out, MANIFEST), manifest(out))
-  records.write_json(os.path.join(out, CONFIG_FILE), model_config)
-  return model_config
+def _is_export(directory: str) -> bool:
+  return any(os.path.exists(os.path.join(directory, name))
+             for name in (CONFIG_FILE, MANIFEST, *_PARTS))
+
+
+def check_out(out: str, overwrite: bool) -> None:
+  """Refuses an `--out` that holds anything, unless `overwrite` and it is an export."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise errors.UserError(f"--out {out} is a file: choose a directory")
+  if not os.path.isdir(out) or not os.listdir(out):
+    return
+  if not _is_export(out):
+    raise errors.UserError(f"--out {out} holds files that are not an export: choose another "
+                           "--out (--overwrite replaces only an export)")
+  if not overwrite:
+    raise errors.UserError(f"--out {out} holds an export already: pass --overwrite to replace "
+                           "it, or choose another --out")
+
+
+def _replace(staging: str, out: str) -> None:
+  """Renames the complete `staging` to `out`; a previous `out` is moved aside
+  first and deleted only once the new one is in place."""
+  if not os.path.exists(out):
+    os.rename(staging, out)
+    return
+  aside = f"{staging}.previous"
+  os.rename(out, aside)
+  try:
+    os.rename(staging, out)
+  except BaseException:
+    os.rename(aside, out)
+    raise
+  shutil.rmtree(aside)
 
 
 def clip_checkpoint(fmt: str, model_config: dict, params: dict) -> tuple[dict, dict]:
@@ -187,18 +277,17 @@ def clip_checkpoint(fmt: str, model_config: dict, params: dict) -> tuple[dict, d
   return to(model_config, params)
 
 
-def write_clip_checkpoint(out: str, fmt: str, model_config: dict,
-                          checkpoint: tuple[dict, dict]) -> None:
-  """`out/<fmt>/`: a `clip_checkpoint` with the preprocessing its library
-  reads (open_clip's model named `dinorank-<out's name>`)."""
+def _write_clip_checkpoint(directory: str, name: str, fmt: str, model_config: dict,
+                           checkpoint: tuple[dict, dict]) -> None:
+  """`directory/<fmt>/`: a `clip_checkpoint` with the preprocessing its
+  library reads (open_clip's model named `dinorank-<name>`)."""
   state, config = checkpoint
-  directory = os.path.join(out, fmt)
   if fmt == "open_clip":
-    name = "dinorank-" + os.path.basename(os.path.abspath(out))
-    convert.write_open_clip(directory, state, config, convert.open_clip_preprocess(model_config),
-                            name)
+    convert.write_open_clip(os.path.join(directory, fmt), state, config,
+                            convert.open_clip_preprocess(model_config), f"dinorank-{name}")
   else:
-    convert.write_hf(directory, state, config, convert.hf_preprocessor(model_config))
+    convert.write_hf(os.path.join(directory, fmt), state, config,
+                     convert.hf_preprocessor(model_config))
 
 
 def _model(model_config: dict, **overrides) -> DinoRankCLIP:
@@ -294,14 +383,19 @@ def read(directory: str) -> tuple[dict, dict]:
   if not os.path.isfile(config_path):
     raise errors.UserError(f"no export at {directory} (no {CONFIG_FILE}): write one with "
                            "python -m dinorank_jax.export --workdir RUN --out DIR")
-  verify(directory)
-  with open(config_path) as f:
-    model_config = json.load(f)
+  try:
+    with open(config_path) as f:
+      model_config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    model_config = None
+  if not isinstance(model_config, dict):
+    model_config = {}                   # damaged: the manifest names it (or its absence)
   version = model_config.get("format_version")
-  if version not in (1, FORMAT_VERSION):
-    raise errors.UserError(f"{directory}: export format {version}, this code reads 1 and "
-                     f"{FORMAT_VERSION}; export the run again (python -m dinorank_jax.export)")
-  stored = _model(model_config, scan=version == FORMAT_VERSION)
+  verify(directory, required=not isinstance(version, int) or version >= 3)
+  if version not in (1, 2, FORMAT_VERSION):
+    raise errors.UserError(f"{directory}: export format {version}, this code reads 1 to "
+                           f"{FORMAT_VERSION}; write it again (python -m dinorank_jax.export)")
+  stored = _model(model_config, scan=version >= 2)
   target = jax.eval_shape(stored.init, jax.random.key(0), *_dummy_inputs(model_config))["params"]
   params = ocp.StandardCheckpointer().restore(
       os.path.join(os.path.abspath(directory), "params"), _on_one_device(target))
@@ -335,9 +429,11 @@ def main(argv=None):
   p.add_argument("--format", action="append", choices=convert.FORMATS, default=[],
                  help="also write the trunks as this CLIP checkpoint, in OUT/<format> "
                       "(repeatable)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace the export at --out (removing its open_clip/ and hf/ too)")
   args = p.parse_args(argv)
   model_config = export(args.workdir, args.out, step=args.step, data=args.data,
-                        formats=tuple(dict.fromkeys(args.format)))
+                        formats=tuple(dict.fromkeys(args.format)), overwrite=args.overwrite)
   print(f"exported step {model_config['source']['step']} of {args.workdir} to {args.out}")
 
 

@@ -16,7 +16,6 @@ from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
 import dinorank_jax
-from dinorank_jax import export
 from dinorank_jax.evaluate import suites
 from tests import photos, tiny_export
 from tests.open_clip_cpu import import_open_clip
@@ -68,10 +67,8 @@ class _Loader(list):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("clip_benchmark")
-  config = tiny_export.write(str(root / "export"))
+  tiny_export.write(str(root / "export"), formats=("open_clip",))
   ours = dinorank_jax.load(str(root / "export"))
-  export.write_clip_checkpoint(str(root / "export"), "open_clip", config,
-                               export.clip_checkpoint("open_clip", config, ours.params))
   checkpoint = root / "export" / "open_clip"
   theirs = open_clip.create_model(f"local-dir:{checkpoint}")
   # The evaluation transform open_clip builds from the preprocess_cfg we wrote.

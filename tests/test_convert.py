@@ -259,15 +259,12 @@ def test_our_open_clip_and_hf_exports_import_back_with_the_same_embeddings(arch,
   model_config, params = _our_clip(arch)
   model_config["source"] = {"test": arch}
   from dinorank_jax import export
-  export.write(str(tmp_path / "ours"), model_config, params)
-  pixels, tokens = _inputs()
+  formats = ["open_clip"] + (["hf"] if arch != "dinorank" else [])
+  export.write(str(tmp_path / "ours"), model_config, params, formats=formats)
   texts = ["a photo of a dog", "two cats on a red sofa", "x"]
   original = dinorank_jax.load(str(tmp_path / "ours"))
   images = (np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3))).astype(np.uint8)
-  formats = ["open_clip"] + (["hf"] if arch != "dinorank" else [])
   for fmt in formats:                         # as `export --format` writes them
-    export.write_clip_checkpoint(str(tmp_path / "ours"), fmt, original.config,
-                                 export.clip_checkpoint(fmt, original.config, original.params))
     directory = tmp_path / "ours" / fmt
     # --from open_clip for every arch: the config beside the weights decides.
     convert_main(["import", "--from", "hf" if fmt == "hf" else "open_clip",

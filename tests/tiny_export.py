@@ -8,9 +8,10 @@ from dinorank_jax.data.tokenizer import CLIP_BPE_ID
 from dinorank_jax.models import from_config
 
 
-def write(directory: str, image_size: int = 32) -> dict:
+def write(directory: str, image_size: int = 32, formats: tuple[str, ...] = ()) -> dict:
   """A randomly initialised export (open_clip arch, `tiny/8` and `tiny`
-  trunks, no students) at `directory`; returns its `model_config.json`."""
+  trunks, no students) at `directory`, with the CLIP checkpoints of
+  `formats`; returns its `model_config.json`."""
   model_config = {"model": {"embed_dim": 16, "image_trunk": "tiny/8", "text_trunk": "tiny",
                             "students": "none", "rank_order": 0, "arch": "open_clip",
                             "scan": True, "dtype": "float32", "vocab_size": 49408,
@@ -21,4 +22,4 @@ def write(directory: str, image_size: int = 32) -> dict:
   model = from_config(m, vocab_size=m["vocab_size"], eot_id=m["eot_id"])
   params = model.init(jax.random.key(0), np.zeros((1, image_size, image_size, 3), np.float32),
                       np.zeros((1, 77), np.int32))["params"]
-  return export.write(directory, model_config, params)
+  return export.write(directory, model_config, params, formats=formats)

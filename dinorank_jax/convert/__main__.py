@@ -1,4 +1,5 @@
 """python -m dinorank_jax.convert import --from openai|open_clip|hf --checkpoint PATH --out DIR
+                                      [--overwrite]
 
 Writes the CLIP checkpoint at PATH (a `.safetensors`, `.pt`, `.pth` or `.bin`
 file, or a directory holding one) as an export of ours at DIR. `--from`
@@ -9,17 +10,19 @@ names where it comes from: `openai` (OpenAI's weights, quick GELU),
 """
 
 import argparse
+import os
 
 from dinorank_jax import errors, export
 from dinorank_jax.convert import read
 
 
 def _import(args) -> dict:
+  export.check_out(os.path.abspath(args.out), args.overwrite)     # before reading the checkpoint
   arch = "openai" if args.source == "openai" or args.quick_gelu else "open_clip"
   model_config, params = read(args.checkpoint, arch,
                               layout="hf" if args.source == "hf" else "open_clip")
   model_config["source"]["from"] = args.source
-  return export.write(args.out, model_config, params)
+  return export.write(args.out, model_config, params, overwrite=args.overwrite)
 
 
 @errors.guard
@@ -36,6 +39,8 @@ def main(argv=None):
   i.add_argument("--out", required=True, help="export directory to write")
   i.add_argument("--quick_gelu", action="store_true",
                  help="--from open_clip: a -quickgelu model (trained with quick GELU)")
+  i.add_argument("--overwrite", action="store_true",
+                 help="replace the export at --out (removing its open_clip/ and hf/ too)")
   args = p.parse_args(argv)
   model_config = _import(args)
   m = model_config["model"]

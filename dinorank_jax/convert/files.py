@@ -1,19 +1,25 @@
 """Checkpoint files: reading PyTorch and safetensors state dicts, writing the
 open_clip and transformers directories.
 
-`.safetensors` files are read and written with NumPy alone; `.pt`, `.pth`
-and `.bin` files (torch pickles, OpenAI's TorchScript archives) need torch,
-imported here only when such a file is read (the `convert` extra).
+`.safetensors` files and OpenAI's TorchScript archives are read with NumPy
+alone (`torchscript`: as data, none of the archive's code runs); `.pt`,
+`.pth` and `.bin` torch pickles need torch, imported here only when such a
+file is read (the `convert` extra), and are read with `weights_only=True`.
 """
 
 import json
 import os
+import pickle
+import re
 import zipfile
 
 import numpy as np
 import safetensors.numpy
 
-from dinorank_jax.convert.layout import ConversionError
+from dinorank_jax import errors
+
+from dinorank_jax.convert import torchscript
+from dinorank_jax.convert.layout import NOT_PARAMETERS, ConversionError
 
 # The weight files a checkpoint directory may hold, preferred first.
 WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors",
@@ -39,11 +45,25 @@ def weights_path(path: str) -> str:
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """The arrays of the state dict at `path` (a file or a checkpoint directory)."""
+  """The float32 arrays of the state dict at `path` (a file or a checkpoint
+  directory). Nothing in the file is run: TorchScript archives are read as
+  data (`torchscript`), torch pickles with `weights_only=True`."""
   path = weights_path(path)
   if path.endswith(".safetensors"):
-    return safetensors.numpy.load_file(path)
-  return _read_torch(path)
+    try:
+      state = safetensors.numpy.load_file(path)
+    except safetensors.SafetensorError as e:
+      raise ConversionError(f"{path} is damaged ({e}): download or copy it again") from None
+  elif torchscript.is_archive(path):
+    state = torchscript.read(path)                                     # OpenAI's archives
+  else:
+    state = _read_torch(path)
+  strip = lambda k: k[len("module."):] if k.startswith("module.") else k   # saved under DDP
+  state = {strip(k): np.asarray(v, np.float32) for k, v in state.items()}
+  for key, value in state.items():
+    if not NOT_PARAMETERS.match(key) and not np.isfinite(value).all():   # a mask holds -inf
+      raise ConversionError(f"{path}: '{key}' holds NaN or Inf values: not a usable checkpoint")
+  return state
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
@@ -52,17 +72,24 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
   except ImportError:
     raise ConversionError(f"{path} is a PyTorch checkpoint: reading it needs torch (pip install "
                           "'dinorank_jax[convert]'), or give its .safetensors") from None
-  if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl")
-                                      for n in zipfile.ZipFile(path).namelist()):
-    state = torch.jit.load(path, map_location="cpu").state_dict()   # OpenAI's archives
-  else:
+  try:
     state = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    raise ConversionError(
+        f"{path} holds {found.group(1) if found else 'objects other than tensors'}, which torch's "
+        "weights-only loader refuses (nothing of it was run): where you trust the file, load it "
+        "with torch and save its state_dict()") from None
+  except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    if errors.one_line(e):                               # no permission, …: said as it is
+      raise
+    raise ConversionError(f"{path} is damaged ({' '.join(str(e).split())}): download or copy "
+                          "it again") from None
   if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
     state = state["state_dict"]                                        # open_clip's training saves
   if not isinstance(state, dict):
     raise ConversionError(f"{path} holds a {type(state).__name__}, not a state dict")
-  strip = lambda k: k[len("module."):] if k.startswith("module.") else k   # saved under DDP
-  return {strip(k): v.detach().float().numpy() for k, v in state.items() if torch.is_tensor(v)}
+  return {k: v.detach().float().numpy() for k, v in state.items() if torch.is_tensor(v)}
 
 
 def read_hf_config(path: str) -> dict:
