@@ -36,12 +36,12 @@ demo: $(STAMP)
 # the gpu-aot extra's plugin compiles for GPU targets (tests/test_aot.py).
 test: $(STAMP)
 	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-	  $(PYTHON) -m pytest -q -n 2 tests
+	  $(PYTHON) -m pytest -q -n 2 --dist worksteal tests
 
 # The quick loop: every test not marked slow (pyproject.toml's markers).
 test-fast: $(STAMP)
 	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-	  $(PYTHON) -m pytest -q -n 2 -m "not slow" tests
+	  $(PYTHON) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 clean:
 	rm -rf $(VENV)

@@ -28,6 +28,7 @@ pytest_plugins = ["tests.compile_times"]
 
 
 def pytest_collection_modifyitems(config, items):
-  """Slow tests first: xdist hands tests out in this order, so the longest
-  ones start at once instead of ending the run on one worker."""
+  """Slow tests first, so the longest ones start at once; with xdist's
+  `--dist worksteal` (the Makefile's) an idle worker takes half of another's
+  remaining queue, so no worker ends the run with a row of slow tests."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
