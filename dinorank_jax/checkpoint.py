@@ -94,10 +94,33 @@ class _NoMissingStepMetadata(logging.Filter):
 
 
 def quiet_step_metadata_warning() -> None:
-  """Installs `_NoMissingStepMetadata` on absl's logger (orbax logs through it), once."""
+  """Installs `_NoMissingStepMetadata` on absl's logger (orbax logs through
+  it) and `_closed_loop_errors_dropped` as the unraisable hook, once."""
   absl_log = logging.getLogger("absl")
   if not any(isinstance(f, _NoMissingStepMetadata) for f in absl_log.filters):
     absl_log.addFilter(_NoMissingStepMetadata())
+  if not getattr(sys.unraisablehook, "drops_closed_loop_errors", False):
+    sys.unraisablehook = _closed_loop_errors_dropped(sys.unraisablehook)
+
+
+def _closed_loop_errors_dropped(hook):
+  """`hook`, except for what a failed restore leaves behind after it:
+  tensorstore's reads still in flight finish on its own threads and post
+  their results to orbax's event loop, closed by then (`RuntimeError: Event
+  loop is closed`), and orbax's abandoned read coroutines are finalised with
+  their errors unretrieved. Each is an unraisable error printed as a
+  traceback (dozens per failed checkpoint, some after the run's one-line
+  error); the failure itself has been reported."""
+
+  def dropping(unraisable):
+    value, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+    closed_loop = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+    orbax_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+    if not (closed_loop or orbax_read):
+      hook(unraisable)
+
+  dropping.drops_closed_loop_errors = True
+  return dropping
 
 
 @contextlib.contextmanager
@@ -115,6 +138,32 @@ def _quiet_failed_reads():
     gc.collect()              # the abandoned coroutines are finalised while quiet
     asyncio_log.setLevel(level)
     sys.unraisablehook = hook
+
+
+class MissingMetadata(ValueError):
+  """A step's `state/_METADATA` (the tree of what it saved) is missing or empty."""
+
+
+def read_metadata(path: str) -> dict:
+  """The tree metadata of the orbax item at `path`; `MissingMetadata` when
+  orbax finds none (it returns None for a missing `_METADATA`, and logs that)."""
+  with _quiet_absl_warnings():
+    saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+  if not saved or "params" not in saved:
+    raise MissingMetadata(f"{os.path.join(path, '_METADATA')} is missing or holds no params")
+  return saved
+
+
+@contextlib.contextmanager
+def _quiet_absl_warnings():
+  """Orbax logs a warning before returning no metadata; the caller says it in one line."""
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_log.setLevel(level)
 
 
 class Checkpointer:
@@ -152,8 +201,7 @@ class Checkpointer:
     for step in sorted(self.manager.all_steps(), reverse=True):
       where = f"checkpoint {step} in {self.manager.directory}"
       try:
-        path = os.path.join(self.manager.directory, str(step), "state")
-        saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+        saved = read_metadata(os.path.join(self.manager.directory, str(step), "state"))
       except Exception as e:  # orbax raises many types for damaged metadata
         failures.append(f"{step}: {_reason(e)}")
         logging.warning("%s cannot be read (%s); trying the one before", where, _reason(e))

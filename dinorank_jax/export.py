@@ -149,8 +149,12 @@ def trained_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
                      f"{sorted(manager.all_steps())}")
   path = os.path.join(directory, str(step), "state")
   checkpoint.quiet_step_metadata_warning()
-  checkpointer = ocp.StandardCheckpointer()
-  state = checkpointer.restore(path, _on_one_device(checkpointer.metadata(path).item_metadata))
+  try:
+    saved = checkpoint.read_metadata(path)
+  except checkpoint.MissingMetadata as e:
+    raise errors.UserError(f"checkpoint {step} of {workdir} is damaged ({e}): pass --step with "
+                           f"an earlier one of {sorted(manager.all_steps())}") from None
+  state = ocp.StandardCheckpointer().restore(path, _on_one_device(saved))
   return state["params"], step
 
 

@@ -139,6 +139,31 @@ def test_resume_falls_back_refuses_changed_fields_and_keeps_every_config(tmp_pat
   assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["16", "18", "8"]
 
 
+@pytest.mark.slow
+def test_missing_checkpoint_metadata_falls_back_and_no_restore_is_one_quiet_line(tmp_path):
+  """From the command line: a latest checkpoint without `state/_METADATA` is
+  damage like any other (the one before is used); when none restores, the
+  one line is all that is said — none of the `Event loop is closed`
+  tracebacks that tensorstore's late reads print after a failed restore."""
+  root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64, num_eval=32)
+  run = ["dinorank_jax.main", f"--config=tests/tiny_config.py:{root}",
+         f"--workdir={tmp_path / 'run'}", "--config.data.eval_path="]
+  code, out = _command(*run, "--config.epochs=8")                # checkpoints 8 and 16
+  assert code == 0, out[-2000:]
+  checkpoints = tmp_path / "run" / "checkpoints"
+  os.remove(checkpoints / "16" / "state" / "_METADATA")
+  code, out = _command(*run, "--config.epochs=9")
+  assert code == 0 and "Traceback" not in out, out[-2000:]
+  assert "checkpoint 16 in" in out and "_METADATA is missing" in out
+  assert "resuming from checkpoint 8" in out
+  for step in os.listdir(checkpoints):
+    _truncate(_largest_file(str(checkpoints / step / "state")))
+  code, out = _command(*run, "--config.epochs=9")
+  assert code == 1, out[-2000:]
+  assert "Traceback" not in out and "Event loop is closed" not in out, out[-3000:]
+  assert out.strip().splitlines()[-1].startswith("error: no checkpoint in ")
+
+
 def test_a_run_stored_before_a_model_field_existed_resumes_as_it_was_trained():
   config = json.loads(tiny_config("/data").to_json_best_effort())
   stored = json.loads(json.dumps(config))
