@@ -3,6 +3,7 @@
 import argparse
 import io
 import json
+import logging
 import os
 import tarfile
 
@@ -382,3 +383,87 @@ def test_an_interrupted_build_continues_from_its_finished_shards(tmp_path):
   assert os.stat(shard(0) + ".array_record").st_mtime == 1        # trusted: not rewritten
   assert [records.read_shard(p) for p in records.shard_paths(out)] == expected
   assert meta["counts"]["written"] == 48
+
+
+def _one_line_build(*argv) -> str:
+  with pytest.raises(SystemExit) as exit_:
+    build.main(list(argv))
+  message = str(exit_.value.code)
+  assert message.startswith("error: ") and len(message.splitlines()) == 1, message
+  return message
+
+
+def test_damaged_or_missing_inputs_are_named_never_silently_fewer(tmp_path, caplog):
+  good = _jpeg(np.full((40, 40, 3), 120, np.uint8))
+  noise = _jpeg(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+  samples = [(f"k{i}", {"jpg": noise, "txt": f"picture {i}".encode()}) for i in range(8)]
+  _tar(tmp_path / "00000.tar", samples[:4])
+  _tar(tmp_path / "00001.tar", samples[4:])
+  whole = (tmp_path / "00001.tar").read_bytes()
+  (tmp_path / "00001.tar").write_bytes(whole[:len(whole) // 2])    # cut short
+  (tmp_path / "00002.tar").write_bytes(b"<html>502 Bad Gateway</html>")   # not a tar
+  _tar(tmp_path / "00003.tar", [("k8", {"jpg": good, "txt": b"caf\xe9 au lait"}),   # Latin-1
+                                ("k9", {"jpg": good, "txt": "café".encode()})])
+  _tar(tmp_path / "00004.tar", [(f"m{i}", members) for i, (_, members) in enumerate(samples)])
+  with tarfile.open(tmp_path / "00004.tar") as tar:
+    second = tar.getmembers()[3]                        # m1.txt: cut after it, at a boundary
+  boundary = second.offset_data + -(-second.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+  (tmp_path / "00004.tar").write_bytes((tmp_path / "00004.tar").read_bytes()[:boundary])
+  with caplog.at_level(logging.WARNING):
+    meta = build.build(_build_args(source="webdataset", input=str(tmp_path / "0000[0-4].tar"),
+                                   out=str(tmp_path / "w"), workers=1))
+  damaged = {os.path.basename(d["file"]): d["why"] for d in meta["damaged_inputs"]}
+  assert sorted(damaged) == ["00001.tar", "00002.tar", "00004.tar"]
+  assert "unexpected end of data" in damaged["00001.tar"]
+  assert "ends without tar's end-of-archive marker" in damaged["00004.tar"]
+  assert meta["counts"]["corrupt"] == 1 and "skipped k8: corrupt (caption is not UTF-8)" in caplog.text
+  captions = [records.decode_record(r)["caption"]
+              for p in records.shard_paths(str(tmp_path / "w")) for r in records.read_shard(p)]
+  assert "café" in captions and not any("\ufffd" in c for c in captions)
+  # 00000's 4, what came before 00001's cut, k9, and 00004's m0 and m1.
+  assert 7 <= meta["counts"]["written"] <= 9
+  assert len(noise) > 4096
+  # A brace pattern naming shards that are not there is refused, naming them.
+  message = _one_line_build("--source", "webdataset", "--input",
+                            str(tmp_path / "{00003..00007}.tar"), "--out", str(tmp_path / "b"))
+  assert "3 of the 5 tar shards --input names are missing" in message
+  assert "00005.tar" in message and not (tmp_path / "b").exists()
+  for flag, value in (("--num", "-5"), ("--shard_size", "0")):
+    message = _one_line_build("--source", "synthetic", "--out", str(tmp_path / "s"), flag, value)
+    assert f"{flag} must be at least 1, got {value}" in message
+
+
+def test_a_full_disk_while_writing_a_shard_is_the_disk_full_line(tmp_path, monkeypatch):
+  class Full:
+    def __init__(self, *args):
+      pass
+
+    def write(self, data):
+      raise RuntimeError("write() failed: No space left on device")
+
+  monkeypatch.setattr(records, "ArrayRecordWriter", Full)
+  message = _one_line_build("--source", "synthetic", "--out", str(tmp_path / "s"), "--num", "4",
+                            "--workers", "1")
+  assert message.startswith("error: No space left on device:") and "free disk space" in message
+
+
+def test_regenerated_inputs_under_the_same_names_are_another_build(tmp_path):
+  """`build.json` holds a fingerprint of the inputs, so tars rebuilt under
+  the same names are not resumed as the old dataset, and teacher features
+  exported from the old images do not join the new ones."""
+  good = _jpeg(np.full((40, 40, 3), 120, np.uint8))
+  _tar(tmp_path / "00000.tar", [("k0", {"jpg": good, "txt": b"old caption"})])
+  argv = ["--source", "webdataset", "--input", str(tmp_path / "{00000..00000}.tar"),
+          "--out", str(tmp_path / "w"), "--workers", "1"]
+  build.main(argv)
+  old_build = records.read_build(str(tmp_path / "w"))
+  features = {**records.read_metadata(str(tmp_path / "w")), "images": "../w",
+              "images_build": old_build}
+  os.makedirs(tmp_path / "t")
+  assert records.images_directory(str(tmp_path / "t"), features) == str(tmp_path / "w")
+  _tar(tmp_path / "00000.tar", [("k0", {"jpg": good, "txt": b"a new caption, longer"})])
+  assert "inputs:" in _one_line_build(*argv)               # not resumed as the old build
+  build.main(argv + ["--overwrite"])
+  assert records.read_build(str(tmp_path / "w"))["inputs"] != old_build["inputs"]
+  with pytest.raises(records.DataError, match="was rebuilt after the teacher features"):
+    records.images_directory(str(tmp_path / "t"), features)

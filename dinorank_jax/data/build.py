@@ -36,6 +36,7 @@ import collections
 import csv
 import functools
 import glob
+import hashlib
 import io
 import itertools
 import logging
@@ -44,6 +45,7 @@ import os
 import re
 import sys
 import tarfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from PIL import Image
@@ -64,7 +66,8 @@ _BRACES = re.compile(r"\{([^{}]*)\}")
 def expand(pattern: str) -> list[str]:
   """The files a `--input` names, in order: brace patterns as img2dataset
   users type them (`cc3m/{00000..00331}.tar`, zero padding kept; `{a,b}`
-  lists), then shell globs; a plain path is itself."""
+  lists), then shell globs (the files that exist); a plain path is itself,
+  whether it exists or not (`named_inputs` refuses missing ones)."""
   found = _BRACES.search(pattern)
   if found:
     body = found[1]
@@ -78,15 +81,56 @@ def expand(pattern: str) -> list[str]:
     return [p for part in parts for p in expand(head + part + tail)]
   if any(c in pattern for c in "*?["):
     return sorted(glob.glob(pattern))
-  return [pattern] if os.path.exists(pattern) else []
+  return [pattern]
+
+
+def named_inputs(pattern: str, what: str) -> list[str]:
+  """`expand(pattern)`, every file of it present: a brace pattern or path
+  naming a file that is missing is refused, so no input is left out unsaid."""
+  paths = expand(pattern)
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if not paths or len(missing) == len(paths):
+    raise errors.UserError(f"no {what} match --input {pattern!r} (a path, a glob or a brace "
+                           "pattern such as 'cc3m/{00000..00331}.tar')")
+  if missing:
+    raise errors.UserError(
+        f"{len(missing)} of the {len(paths)} {what} --input names are missing "
+        f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}): fix --input, or give "
+        "a glob (such as 'cc3m/*.tar') to take the ones that exist")
+  return paths
+
+
+def _inputs(args) -> list[str]:
+  return named_inputs(args.input, "tar shards" if args.source == "webdataset" else "tables")
+
+
+def fingerprint(paths: list[str]) -> str:
+  """A content identity of the input files: SHA-256 of their names, sizes
+  and modification times (regenerated inputs under the same names differ)."""
+  digest = hashlib.sha256()
+  for path in paths:
+    stat = os.stat(path)
+    digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+  return digest.hexdigest()
 
 
 class Skip(Exception):
-  """An input that cannot become a record; `reason` is `corrupt` or `empty_caption`."""
+  """An input that cannot become a record; `reason` is `corrupt` or
+  `empty_caption`, `why` says more for the log."""
 
-  def __init__(self, reason):
+  def __init__(self, reason, why=""):
     super().__init__(reason)
-    self.reason = reason
+    self.reason, self.why = reason, why
+
+
+def _utf8(caption: str) -> str:
+  """`caption` (decoded with `surrogateescape`) with its spaces collapsed;
+  `Skip` when it held bytes that are not UTF-8, rather than storing U+FFFD."""
+  try:
+    caption.encode("utf-8")
+  except UnicodeEncodeError:
+    raise Skip("corrupt", "caption is not UTF-8") from None
+  return " ".join(caption.split())
 
 
 def reencode(image_bytes: bytes, max_side: int, quality: int = 90) -> bytes:
@@ -110,7 +154,8 @@ def reencode(image_bytes: bytes, max_side: int, quality: int = 90) -> bytes:
 # Each source yields cheap descriptors; `load` turns one into
 # `(key, image bytes, caption, extra fields)`, in the shard's worker.
 
-def synthetic_source(args):
+def synthetic_source(args, damaged):
+  del damaged
   return range(args.num), functools.partial(_load_synthetic, args.seed, args.image_size)
 
 
@@ -118,11 +163,9 @@ def _load_synthetic(seed, size, index):
   return synthetic.example(seed, index, size)
 
 
-def table_source(args):
-  paths = expand(args.input)
-  if not paths:
-    raise errors.UserError(f"no table matches --input {args.input!r}")
-  return _table_items(args, paths), _load_file
+def table_source(args, damaged):
+  del damaged                  # a table that does not parse stops the build, naming it
+  return _table_items(args, _inputs(args)), _load_file
 
 
 def _table_items(args, paths):
@@ -131,7 +174,7 @@ def _table_items(args, paths):
   index = 0
   for path in paths:
     folder = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
       reader = csv.DictReader(f, delimiter=delimiter)
       for column in (args.image_column, args.caption_column):
         if reader.fieldnames and column not in reader.fieldnames:
@@ -153,34 +196,47 @@ def _load_file(item):
   return key, image, caption, {"syn_caption": syn_caption}
 
 
-def webdataset_source(args):
-  paths = expand(args.input)
-  if not paths:
-    raise errors.UserError(f"no tar shards match --input {args.input!r} (a path, a glob or a "
-                           "brace pattern such as 'cc3m/{00000..00331}.tar')")
-  return webdataset_items(paths), _identity
+def webdataset_source(args, damaged):
+  return webdataset_items(_inputs(args), damaged), _identity
 
 
-def webdataset_items(paths):
+def webdataset_items(paths, damaged: list):
+  """The samples of the tar shards `paths`, in order. A shard that is not a
+  tar, or that ends before its end-of-archive marker (cut short), is logged
+  and appended to `damaged` as `{"file", "why"}`; the samples read before
+  the damage are kept."""
   for path in paths:
-    with tarfile.open(path) as tar:
-      group, current = {}, None
-      for member in tar:
-        if not member.isfile():
-          continue
-        key, _, ext = member.name.rpartition("/")[2].partition(".")
-        if key != current and group:
-          yield _webdataset_item(current, group)
-          group = {}
-        current = key
-        group[ext] = tar.extractfile(member).read()
-      if group:
-        yield _webdataset_item(current, group)
+    group, current = {}, None
+    try:
+      with tarfile.open(path) as tar:
+        end = 0
+        for member in tar:
+          end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+          if not member.isfile():
+            continue
+          key, _, ext = member.name.rpartition("/")[2].partition(".")
+          if key != current and group:
+            yield _webdataset_item(current, group)
+            group = {}
+          current = key
+          group[ext] = tar.extractfile(member).read()
+        tar.fileobj.seek(end)
+        marker = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
+        if len(marker) < 2 * tarfile.BLOCKSIZE or any(marker):
+          raise tarfile.ReadError("it ends without tar's end-of-archive marker (cut short?)")
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+      if isinstance(e, OSError) and errors.one_line(e):
+        raise
+      why = " ".join(str(e).split()) or type(e).__name__
+      damaged.append({"file": path, "why": why})
+      logging.warning("%s is damaged (%s): the samples after the damage are missing", path, why)
+    if group:
+      yield _webdataset_item(current, group)
 
 
 def _webdataset_item(key, group):
   image = next((group[e] for e in ("jpg", "jpeg", "png", "webp") if e in group), b"")
-  text = lambda ext: group.get(ext, b"").decode("utf-8", errors="replace")
+  text = lambda ext: group.get(ext, b"").decode("utf-8", errors="surrogateescape")
   return key, image, text("txt"), {"syn_caption": text("syn.txt")}
 
 
@@ -199,10 +255,10 @@ def _shard_records(items, load, max_side):
   for item in items:
     key, image, caption, extra = load(item)
     try:
-      caption = " ".join(caption.split())
+      caption = _utf8(caption)
       if not caption:
         raise Skip("empty_caption")
-      syn_caption = " ".join(extra.pop("syn_caption", "").split())
+      syn_caption = _utf8(extra.pop("syn_caption", ""))
       if syn_caption:
         extra["syn_caption"] = syn_caption
         stats["syn_caption"] += 1
@@ -210,7 +266,7 @@ def _shard_records(items, load, max_side):
     except Skip as skip:
       stats[skip.reason] += 1
       stats["skipped_keys"].append(key)
-      logging.warning("skipped %s: %s", key, skip.reason)
+      logging.warning("skipped %s: %s%s", key, skip.reason, f" ({skip.why})" if skip.why else "")
   return out, stats
 
 
@@ -235,6 +291,8 @@ def _build_shard(directory, index, items, load, max_side, tokenizer_dir):
 
 
 def _content(args) -> dict:
+  """What decides the dataset: the content arguments and, for files, a
+  fingerprint of the inputs themselves."""
   out = {k: getattr(args, k) for k in CONTENT_ARGS}
   for k in ("input", "tokenizer"):
     if out[k] and not any(c in out[k] for c in "*?[{"):
@@ -244,6 +302,7 @@ def _content(args) -> dict:
   else:
     for k in ("num", "seed", "image_size"):
       out.pop(k)
+    out["inputs"] = fingerprint(_inputs(args))
   return out
 
 
@@ -265,7 +324,8 @@ def _in_order(pool, tasks, window: int):
 def build(args) -> dict:
   """Builds (or resumes) the dataset at `args.out`; returns its metadata."""
   records.claim_directory(args.out, {"command": "data.build", **_content(args)}, args.overwrite)
-  items, load = SOURCES[args.source](args)
+  damaged = []
+  items, load = SOURCES[args.source](args, damaged)
   chunks = iter(lambda it=iter(items): list(itertools.islice(it, args.shard_size)), [])
   tokenizer = _tokenizer(args.tokenizer)
   # Spawned, not forked: forking a process that runs JAX's threads can deadlock.
@@ -290,11 +350,15 @@ def build(args) -> dict:
   }
   if args.source == "synthetic":
     meta["zero_shot_tasks"] = synthetic.TASKS
+  if damaged:
+    meta["damaged_inputs"] = damaged
   records.write_json(os.path.join(args.out, records.METADATA), meta)
   skipped = counts["corrupt"] + counts["empty_caption"]
   print(f"written {counts['count']}, skipped {skipped} (corrupt {counts['corrupt']}, "
         f"empty caption {counts['empty_caption']}); {counts['syn_caption']} with a synthetic "
-        "caption")
+        "caption" + (f"; {len(damaged)} damaged input(s), their samples after the damage "
+                     f"missing: {', '.join(d['file'] for d in damaged)} (metadata.json's "
+                     "damaged_inputs)" if damaged else ""))
   return meta
 
 
@@ -328,6 +392,9 @@ def main(argv=None):
   args = parser().parse_args(argv)
   if args.source != "synthetic" and not args.input:
     raise SystemExit(f"--source {args.source} needs --input")
+  for flag in ("num", "image_size", "max_side", "shard_size", "workers"):
+    if getattr(args, flag) < 1:
+      raise errors.UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
   build(args)
 
 

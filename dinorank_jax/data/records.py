@@ -36,6 +36,7 @@ caption, finite teacher features) and name a bad one by shard and index
 """
 
 import bisect
+import errno
 import json
 import logging
 import os
@@ -255,12 +256,17 @@ def write_shard(directory: str, index: int, records, stats: dict) -> dict:
   name = shard_name(index)
   final = os.path.join(directory, name + ".array_record")
   tmp = final + ".tmp"
-  writer = ArrayRecordWriter(tmp, "group_size:1")
   count = 0
-  for record in records:
-    writer.write(encode_record(record))
-    count += 1
-  writer.close()
+  try:
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    for record in records:
+      writer.write(encode_record(record))
+      count += 1
+    writer.close()
+  except RuntimeError as e:               # array_record's C++ errors arrive as RuntimeError
+    if "No space left" in str(e):
+      raise OSError(errno.ENOSPC, "No space left on device", tmp) from None
+    raise
   os.replace(tmp, final)
   sidecar = {"file": name + ".array_record", "count": count, **stats}
   write_json(os.path.join(directory, name + ".json"), sidecar)
