@@ -244,6 +244,15 @@ def test_an_unopenable_shard_is_left_out_or_stops_the_run_in_one_line(tmp_path, 
                                         num_epochs=1, max_skip_fraction=0.6))
     assert sum(len(b["tokens"]) for b in stream) == 64
   assert "unusable shard" in caplog.text and "shard-00001" in caplog.text
+  # No usable shard at all: verify counts every record as lost and exits 1, in its own words.
+  os.remove(records.shard_paths(directory)[0])
+  lines = []
+  result = verify.verify(directory, log=lines.append)
+  assert result["ok"] == 0 and result["lost"] == 128 and len(result["unusable_shards"]) == 2
+  assert "128 records, 0 usable" in lines[0] and "2 unusable shards (128 records)" in lines[0]
+  with pytest.raises(SystemExit) as exit_:
+    verify.main([directory])
+  assert exit_.value.code == 1
 
 
 def test_training_logs_skips_and_finishes(tmp_path):

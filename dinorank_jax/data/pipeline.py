@@ -82,12 +82,14 @@ class RecordSource:
 
   def __init__(self, shards: records.Shards):
     self.shards = shards
-    self._sources = [grain.sources.ArrayRecordDataSource(shards.paths)]
-    if shards.images:
-      self._sources.append(grain.sources.ArrayRecordDataSource(shards.image_paths))
+    self._sources = []                     # none when no shard is usable (grain refuses zero)
+    if shards.paths:
+      self._sources.append(grain.sources.ArrayRecordDataSource(shards.paths))
+      if shards.images:
+        self._sources.append(grain.sources.ArrayRecordDataSource(shards.image_paths))
 
   def __len__(self) -> int:
-    return len(self._sources[0])
+    return len(self._sources[0]) if self._sources else 0
 
   def __getitem__(self, index: int):
     try:
