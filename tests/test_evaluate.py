@@ -5,6 +5,7 @@ and exported tiny model, with `--compare`."""
 
 import io
 import json
+import logging
 import os
 
 import numpy as np
@@ -301,6 +302,80 @@ def test_clip_benchmark_webdatasets_give_zero_shot_and_retrieval(tmp_path):
   assert named[0]["dataset"] == "wds/wds_colours" and named[0]["metrics"] == {"acc1": 1.0}
   assert suites.run(f"wds:{tmp_path / 'none'}", OneHotModel(), "")["status"].startswith(
       f"skipped: not found at {tmp_path / 'none'}/test/nshards.txt")
+
+
+def _add_to_tar(path, members: dict) -> None:
+  import tarfile
+  with tarfile.open(path, "a") as tar:
+    for name, data in members.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+
+
+def test_damaged_webdatasets_are_named_and_unscorable_labels_counted(tmp_path):
+  root = _webdataset(tmp_path / "wds_colours")
+  good = _read(tmp_path / "wds_colours" / "test" / "1.tar")
+  image = io.BytesIO()
+  Image.fromarray(np.full((20, 24, 3), 40, np.uint8)).save(image, "PNG")
+  _add_to_tar(tmp_path / "wds_colours" / "test" / "1.tar", {   # labels outside classnames.txt
+      "t0000001.png": image.getvalue(), "t0000001.cls": b"9",
+      "t0000002.png": image.getvalue(), "t0000002.cls": b"-1"})
+  result = suites.run(f"wds:{root}", OneHotModel(), "")
+  assert result["status"] == "ok" and result["examples"] == 12 and result["skipped"] == 3
+  shard = tmp_path / "wds_colours" / "test" / "1.tar"
+  for damage, why in ((good[:len(good) // 2], "is damaged"),
+                      (b"<html>404</html>" * 40, "is damaged"),
+                      (good[:_first_member_end(good)], "end-of-archive marker")):
+    shard.write_bytes(damage)
+    status = suites.run(f"wds:{root}", OneHotModel(), "")["status"]
+    assert status.startswith(f"skipped: damaged: {shard} ") and why in status, status
+    assert status.endswith("export or download the dataset again")
+  shard.write_bytes(good)
+  (tmp_path / "wds_colours" / "test" / "nshards.txt").write_text("two\n")
+  status = suites.run(f"wds:{root}", OneHotModel(), "")["status"]
+  assert "nshards.txt holds 'two', not a number of shards" in status
+
+
+def _read(path) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _first_member_end(tar_bytes: bytes) -> int:
+  import tarfile
+  with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+    first = tar.next()
+  return first.offset_data + -(-first.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+@pytest.mark.parametrize("damage", ["flipped_length", "cut_in_half"])
+def test_a_damaged_tfrecord_split_counts_its_lost_examples_as_skipped(damage, tmp_path, caplog):
+  import glob
+  _prepare_tfds(str(tmp_path), "tiny_colours")
+  _as_tfrecord(str(tmp_path), "tiny_colours")
+  path = sorted(glob.glob(str(tmp_path / "tiny_colours" / "*" / "*test.tfrecord-*")))[0]
+  data = bytearray(_read(path))
+  if damage == "flipped_length":
+    second = 16 + int.from_bytes(data[:8], "little")       # the second record's length
+    data[second] ^= 0x01
+  else:
+    data = data[:len(data) // 2]
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+  with caplog.at_level(logging.WARNING):
+    result = suites.run("probe:tiny_colours", OneHotModel(), str(tmp_path))
+  assert result["status"] == "ok" and result["examples"] + result["skipped"] == 12
+  assert result["skipped"] >= 1 and f"{path} is damaged" in caplog.text
+
+
+def test_unusable_embeddings_stop_the_gap_analysis_in_one_line():
+  class Diverged(OneHotModel):
+    def encode_text(self, texts):
+      return np.full((len(texts), 8), np.nan, np.float32)
+  embedded = {"image": np.eye(4, 8, dtype=np.float32), "captions": [["a red"]] * 4}
+  with pytest.raises(metrics.InvalidEmbeddings, match="4 of 4 text embeddings are unusable"):
+    suites.gap(Diverged(), embedded)
 
 
 def test_coco_retrieval_and_gap_read_captions_from_tfds(tmp_path):

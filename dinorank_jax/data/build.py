@@ -52,7 +52,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dinorank_jax import errors
-from dinorank_jax.data import records, synthetic
+from dinorank_jax.data import records, synthetic, tars
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH, TextTokenizer
 
 # The arguments that decide what a build writes (not how fast: --workers).
@@ -209,9 +209,7 @@ def webdataset_items(paths, damaged: list):
     group, current = {}, None
     try:
       with tarfile.open(path) as tar:
-        end = 0
-        for member in tar:
-          end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        for member in tars.members(tar):
           if not member.isfile():
             continue
           key, _, ext = member.name.rpartition("/")[2].partition(".")
@@ -220,10 +218,6 @@ def webdataset_items(paths, damaged: list):
             group = {}
           current = key
           group[ext] = tar.extractfile(member).read()
-        tar.fileobj.seek(end)
-        marker = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
-        if len(marker) < 2 * tarfile.BLOCKSIZE or any(marker):
-          raise tarfile.ReadError("it ends without tar's end-of-archive marker (cut short?)")
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
       if isinstance(e, OSError) and errors.one_line(e):
         raise

@@ -33,12 +33,19 @@ Four kinds:
   otherwise the class index in `.cls`), images in `.webp`, `.png` or `.jpg`,
   as `clip_benchmark_export_wds` writes them and the `wds_*` datasets ship.
 
-A source that is not there raises `NotFound` naming the path it looked at.
+A source that is not there raises `NotFound` naming the path it looked at;
+one whose files are damaged (a tar cut short or not a tar, an `nshards.txt`
+that is not a count) raises `Damaged` naming the file. An example that
+cannot be read is skipped and counted, never dropped unsaid: a TFRecord
+file damaged part-way (a length that fails its CRC, a record cut short)
+keeps the records before the damage, and the split still has
+`dataset_info.json`'s count of examples, the lost ones counted as skipped.
 """
 
 import concurrent.futures
 import dataclasses
 import io
+import logging
 import os
 import struct
 import tarfile
@@ -47,7 +54,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from dinorank_jax.data import records, transform
+from dinorank_jax import errors
+from dinorank_jax.data import records, tars, transform
 from dinorank_jax.data.pipeline import Decode, RecordSource
 from dinorank_jax.evaluate.prompts import class_names
 
@@ -56,6 +64,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 class NotFound(Exception):
   """A dataset missing from where it was looked for (reported as skipped)."""
+
+
+class Damaged(errors.UserError):
+  """A dataset whose files are damaged (reported as skipped, naming the file and the fix)."""
 
 
 THREADS = min(16, os.cpu_count() or 1)
@@ -159,10 +171,15 @@ def tfds_split(data_dir: str, name: str, split: str) -> Split:
   if split not in builder.info.splits:
     raise NotFound(f"{path} (no split {split!r}; it has {sorted(builder.info.splits)})")
   features = builder.info.features
+  size = None
   if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
     source = builder.as_data_source(split=split)
   elif builder.info.file_format == tfds.core.FileFormat.TFRECORD:
     source = TFRecordSource(builder.info.splits[split].filepaths, features)
+    size = max(len(source), builder.info.splits[split].num_examples)
+    for path, why in source.damaged:
+      logging.warning("%s is damaged (%s): its records after the damage are counted as skipped",
+                      path, why)
   else:
     raise NotFound(f"{path} (prepared as {builder.info.file_format.value}: prepare it again "
                    "with file_format='array_record' or 'tfrecord')")
@@ -170,7 +187,7 @@ def tfds_split(data_dir: str, name: str, split: str) -> Split:
 
   def example(i, side):
     try:
-      found = source[i]
+      found = source[i]                 # IndexError past a damaged file's last record
       out = {"image": transform.preprocess(
           Image.fromarray(np.asarray(found["image"]).squeeze()), side),
              "labels": {t: int(found[t]) for t in tasks}}
@@ -181,28 +198,63 @@ def tfds_split(data_dir: str, name: str, split: str) -> Split:
                          for t in found["captions"]["text"]]
     return out
 
-  return Split(f"tfds {name}:{split} at {path}", len(source), example, tasks)
+  return Split(f"tfds {name}:{split} at {path}", len(source) if size is None else size, example,
+               tasks)
+
+
+def _crc32c_table() -> list[int]:
+  table = []
+  for n in range(256):
+    for _ in range(8):
+      n = (n >> 1) ^ 0x82F63B78 if n & 1 else n >> 1     # CRC-32C (Castagnoli), reflected
+    table.append(n)
+  return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def masked_crc32c(data: bytes) -> int:
+  """TFRecord's masked CRC-32C of `data` (here only of 8-byte lengths)."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 class TFRecordSource:
   """Random access to TFRecord files without TensorFlow. Each record is a
-  little-endian uint64 length, its 4-byte CRC, the bytes and their 4-byte
-  CRC; the files are indexed once (offsets only, nothing decoded), and item
-  `i` is record `i` deserialised by `features.deserialize_example_np`. The
-  CRCs are not checked: a damaged record fails to deserialise and is
-  skipped and counted like any undecodable example."""
+  little-endian uint64 length, its 4-byte masked CRC-32C, the bytes and
+  their CRC; the files are indexed once (offsets only, nothing decoded), and
+  item `i` is record `i` deserialised by `features.deserialize_example_np`.
+  Each length is checked against its CRC while indexing: a file is indexed
+  up to a length that fails it or a record that runs past the file's end,
+  and named in `damaged` with why. The records' own CRCs are not checked: a
+  damaged record fails to deserialise and is skipped and counted like any
+  undecodable example."""
 
   def __init__(self, paths, features):
-    self.features, self.index = features, []
+    self.features, self.index, self.damaged = features, [], []
     for path in map(str, paths):
       size = os.path.getsize(path)
       with open(path, "rb") as f:
         offset = 0
-        while offset + 12 <= size:
+        while offset < size:
           f.seek(offset)
-          (length,) = struct.unpack("<Q", f.read(8))
+          head = f.read(12)
+          if len(head) < 12:
+            self.damaged.append((path, f"cut short at byte {offset}"))
+            break
+          (length,), (crc,) = struct.unpack("<Q", head[:8]), struct.unpack("<I", head[8:])
+          if masked_crc32c(head[:8]) != crc:
+            self.damaged.append((path, f"the length at byte {offset} fails its CRC"))
+            break
+          if offset + 16 + length > size:
+            self.damaged.append((path, f"cut short in the record at byte {offset}"))
+            break
           self.index.append((path, offset + 12, length))
-          offset += 12 + length + 4
+          offset += 16 + length
 
   def __len__(self) -> int:
     return len(self.index)
@@ -235,18 +287,25 @@ def wds_split(root: str, split: str = "test") -> Split:
   shards = _read_text(os.path.join(root, split, "nshards.txt"))
   if shards is None:
     raise NotFound(f"{root}/{split}/nshards.txt (a CLIP_benchmark webdataset)")
+  if not shards.strip().isdigit():
+    raise Damaged(f"{root}/{split}/nshards.txt holds {shards.strip()[:40]!r}, not a number of "
+                  "shards: export or download the dataset again")
   retrieval = (_read_text(os.path.join(root, "dataset_type.txt")) or "").strip() == "retrieval"
   samples = {}                          # key -> {extension: (tar, offset, size)}
   for n in range(int(shards)):
     tar_path = os.path.join(root, split, f"{n}.tar")
     if not os.path.isfile(tar_path):
       raise NotFound(f"{tar_path} (shard {n} of the {shards.strip()} in nshards.txt)")
-    with tarfile.open(tar_path) as tar:
-      for member in tar:
-        if member.isfile():
-          key, _, ext = os.path.basename(member.name).partition(".")
-          samples.setdefault((tar_path, key), {})[ext.lower()] = (
-              tar_path, member.offset_data, member.size)
+    try:
+      with tarfile.open(tar_path) as tar:
+        for member in tars.members(tar):
+          if member.isfile():
+            key, _, ext = os.path.basename(member.name).partition(".")
+            samples.setdefault((tar_path, key), {})[ext.lower()] = (
+                tar_path, member.offset_data, member.size)
+    except (tarfile.TarError, EOFError) as e:
+      raise Damaged(f"{tar_path} is damaged ({' '.join(str(e).split())}): export or download "
+                    "the dataset again") from None
   items = [s for s in samples.values() if any(e in s for e in WDS_IMAGES)]
   classes = (_read_text(os.path.join(root, "classnames.txt")) or "").splitlines()
   templates = _read_text(os.path.join(root, "zeroshot_classification_templates.txt"))
@@ -262,7 +321,10 @@ def wds_split(root: str, split: str = "test") -> Split:
       if retrieval:
         out["captions"] = _read_at(*item["txt"]).decode("utf-8").splitlines()
       else:
-        out["labels"] = {"label": int(_read_at(*item["cls"]))}
+        label = int(_read_at(*item["cls"]))
+        if not 0 <= label < len(classes):     # out of classnames.txt's range: not scorable
+          return {}
+        out["labels"] = {"label": label}
     except Exception:  # an undecodable example is skipped and counted, never fatal
       return {}
     return out

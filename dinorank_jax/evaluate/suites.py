@@ -36,8 +36,8 @@ from tqdm import tqdm
 from dinorank_jax.losses.distill import align_teacher_grid
 from dinorank_jax.evaluate import metrics, probe
 from dinorank_jax.evaluate.prompts import SYNTHETIC_TEMPLATES, class_embeddings, imagenet_templates
-from dinorank_jax.evaluate.sources import (NotFound, folder_split, records_split, tfds_split,
-                                           wds_split)
+from dinorank_jax.evaluate.sources import (Damaged, NotFound, folder_split, records_split,
+                                           tfds_split, wds_split)
 
 PROBE_LIMIT = 50_000          # training examples a probe embeds at most
 VAL_FRACTION = 0.2            # of the training split, when a dataset has no validation split
@@ -210,9 +210,10 @@ def gap(model, embedded: dict, seed: int = 0) -> tuple[dict, dict]:
   """Gap numbers on (image, its first caption) pairs, and the 2-D picture's points."""
   image = embedded["image"]
   text = model.encode_text([c[0] for c in embedded["captions"]])
+  found = metrics.modality_gap(image, text)        # first: it refuses unusable embeddings
   pick = np.random.default_rng(seed).permutation(len(image))[:GAP_POINTS]
   xy_image, xy_text = metrics.projection_2d(image[pick], text[pick])
-  return (metrics.modality_gap(image, text),
+  return (found,
           {"gap": {"image": np.round(xy_image, 4).tolist(), "text": np.round(xy_text, 4).tolist()}})
 
 
@@ -318,6 +319,8 @@ def run(name: str, model, data_dir: str, *, batch_size: int = 256,
       return _ok(held_out, {**found, **_prefixed("probe", probes)}, plots)
   except NotFound as e:
     return {"status": f"skipped: not found at {e}"}
+  except Damaged as e:
+    return {"status": f"skipped: damaged: {e}"}
   raise _unknown(name)
 
 
