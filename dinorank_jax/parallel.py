@@ -7,8 +7,14 @@ optimiser state are replicated over `data` and, when `fsdp > 1`, sharded over
 `fsdp` (ZeRO-3 style: XLA gathers each weight where it is used). With the
 default `fsdp = 1` this is plain data parallelism.
 
-`wait_for_all` lines the processes up before a program's first collective.
+`wait_for_all` lines the processes up before a program's first collective;
+`watch_peers` ends every process of a job within seconds when one is gone.
 """
+
+import os
+import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -72,3 +78,104 @@ def wait_for_all(name: str, seconds: int = BARRIER_SECONDS) -> None:
   """
   if jax.process_count() > 1:
     ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=seconds * 1000)
+
+
+# Silence after which another process of the job counts as gone. The
+# coordination service's own deadline is 100 s, and ends in an abort with a
+# C++ stack; a collective with a dead peer waits up to that long, a commit
+# barrier of a checkpoint too.
+PEER_TIMEOUT_SECONDS = 20
+_BEAT_SECONDS = 1
+_DONE = "done"
+
+
+class PeerWatch:
+  """A daemon thread that publishes this process's heartbeat through the
+  coordination service's key-value store every second and reads the
+  others'. When another process has been silent for `timeout` seconds
+  (killed, its host lost) or the coordinator stops answering, it prints one
+  line naming the lost process and the last complete checkpoint under
+  `checkpoints`, and exits the process with status 1 at once, wherever the
+  main thread is blocked (a collective, a checkpoint's commit barrier).
+  `finish()` marks this process as done, so that the others, still
+  finishing, do not take its exit for a loss."""
+
+  def __init__(self, client, checkpoints: str, timeout: float = PEER_TIMEOUT_SECONDS):
+    self.client, self.checkpoints, self.timeout = client, checkpoints, timeout
+    self.me, self.count = jax.process_index(), jax.process_count()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="peer-watch", daemon=True)
+    self._thread.start()
+
+  def _key(self, process: int) -> str:
+    return f"dinorank_jax/alive/{process}"
+
+  def _run(self):
+    start = reached = time.monotonic()
+    seen = {p: (None, start) for p in range(self.count) if p != self.me}
+    beat = 0
+    while not self._stop.wait(_BEAT_SECONDS):
+      now, beat = time.monotonic(), beat + 1
+      try:
+        self.client.key_value_set(self._key(self.me), str(beat), allow_overwrite=True)
+        reached = now
+      except Exception:  # the coordinator is gone (process 0, or its host)
+        if now - reached > self.timeout:
+          self._lost("the coordinator (process 0)")
+        continue
+      for process, (value, since) in list(seen.items()):
+        try:
+          current = self.client.key_value_try_get(self._key(process))
+        except Exception:  # not published yet
+          current = None
+        if current == _DONE:
+          del seen[process]
+        elif current != value:
+          seen[process] = (current, now)
+        elif now - since > self.timeout:
+          self._lost(f"process {process}")
+
+  def _lost(self, who: str):
+    stop_job(f"{who} of the job's {self.count} stopped answering for {self.timeout:.0f} s",
+             self.checkpoints)
+
+  def verdict(self) -> None:
+    """Waits long enough for the watch to notice a lost process (it then ends
+    this one); returns when none is lost. For the main thread after a
+    runtime error in a collective or barrier: gloo fails at once when a peer
+    dies ("Connection reset by peer"), before the watch has seen the silence."""
+    time.sleep(self.timeout + 3 * _BEAT_SECONDS)
+
+  def finish(self):
+    """Marks this process done (the others stop watching it) and stops the thread."""
+    self._stop.set()
+    self._thread.join()
+    try:
+      self.client.key_value_set(self._key(self.me), _DONE, allow_overwrite=True)
+    except Exception:  # the coordinator is gone: nothing left to tell
+      pass
+
+
+def stop_job(what: str, checkpoints: str) -> None:
+  """Ends this process at once with one line: `what` happened to another
+  process, and the last complete checkpoint under `checkpoints` to resume
+  from (a step directory orbax has committed; one being written has a
+  temporary name)."""
+  steps = [int(n) for n in os.listdir(checkpoints) if n.isdigit()] if os.path.isdir(
+      checkpoints) else []
+  resume = (f"start the job again to resume from checkpoint {max(steps)} in {checkpoints}"
+            if steps else "no checkpoint was written yet: start the job again")
+  # Starts a line of its own: the progress bar leaves the cursor mid-line.
+  sys.stderr.write(f"\nerror: {what} (killed, or its host lost): process {jax.process_index()} "
+                   f"stops too; {resume}\n")
+  sys.stderr.flush()
+  os._exit(1)
+
+
+def watch_peers(checkpoints: str) -> PeerWatch | None:
+  """A `PeerWatch` for a job of more than one process, else None."""
+  if jax.process_count() == 1:
+    return None
+  from jax._src import distributed  # the coordination service's client has no public accessor
+  return PeerWatch(distributed.global_state.client, checkpoints)
+

@@ -370,6 +370,7 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
 
   preempted = {"stop": False}
   previous = signal.signal(signal.SIGTERM, _on_sigterm(preempted))
+  peers = parallel.watch_peers(os.path.join(workdir, "checkpoints"))
   start = int(state.step)
   progress = None
   skipped, eval_metrics = np.zeros(len(records.SKIP_REASONS), np.int64), {}
@@ -415,6 +416,10 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
     else:
       checkpointer.save(total_steps, state, position, force=True)
       eval_metrics = run_eval(total_steps)
+  except jax.errors.JaxRuntimeError:
+    if peers is not None:     # a collective with a dead peer fails at once: let the watch say so
+      peers.verdict()
+    raise
   finally:
     if progress is not None:
       progress.close()
@@ -422,6 +427,8 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
     checkpointer.close()
     writer.close()
     signal.signal(signal.SIGTERM, previous)
+  if peers is not None:         # not after an error: the others should see this process go
+    peers.finish()
   return eval_metrics
 
 

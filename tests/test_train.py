@@ -5,8 +5,10 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import runpy
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -257,6 +259,53 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   # over 6 steps; 1e-4 is far below what a missed cross-process reduction gives.
   for a, b in zip(_saved_params(single, 6), _saved_params(multi, 6)):
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
+
+
+def _job(workdir, count, *flags):
+  """`count` processes of one device each, joined on a free localhost port
+  (as launch/multiprocess_cpu.sh starts them, without its stopping the rest
+  when one fails: here the survivors must stop themselves)."""
+  with socket.socket() as free:
+    free.bind(("localhost", 0))
+    port = free.getsockname()[1]
+  env = {**ENV, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  return [subprocess.Popen(
+      [sys.executable, "-m", "dinorank_jax.main", f"--workdir={workdir}",
+       f"--coordinator_address=localhost:{port}", f"--num_processes={count}",
+       f"--process_id={i}", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(count)]
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_the_job_in_seconds_naming_the_checkpoint(tmp_path):
+  """kill -9 of one process: the other stops within 30 s with one line naming
+  the lost process and the last complete checkpoint, instead of waiting on
+  the coordination service's 100 s and aborting with a C++ stack; the job
+  resumes from that checkpoint."""
+  root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)    # 2 steps an epoch
+  flags = ("--config=tests/tiny_config.py:" + root, "--config.checkpoint.every=4",
+           "--config.data.eval_path=")
+  run = str(tmp_path / "run")
+  first, second = _job(run, 2, *flags, "--config.epochs=100")
+  reached = lambda: max((m["step"] for m in _metrics(run)), default=0) if os.path.exists(
+      os.path.join(run, "metrics.jsonl")) else 0
+  _wait_for(lambda: reached() >= 9, first, timeout=600)
+  second.send_signal(signal.SIGKILL)
+  killed = time.monotonic()
+  out = first.communicate(timeout=120)[0]
+  assert time.monotonic() - killed < 30 and first.returncode == 1, out[-3000:]
+  last = out.strip().splitlines()[-1]
+  found = re.fullmatch(r"error: process 1 of the job's 2 stopped answering for 20 s \(killed, or "
+                       r"its host lost\): process 0 stops too; start the job again to resume "
+                       r"from checkpoint (\d+) in (.*)", last)
+  assert found and found[2] == os.path.join(run, "checkpoints"), last
+  step = int(found[1])
+  assert step >= 8 and step % 4 == 0
+  # That checkpoint is complete: the job resumes from it and finishes (two steps more).
+  job = _job(run, 2, *flags, f"--config.epochs={step // 2 + 1}")
+  outs = [proc.communicate(timeout=600)[0] for proc in job]
+  assert [proc.returncode for proc in job] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  assert f"resumed from step {step}" in outs[0]
 
 
 def test_multiprocess_launcher_returns_a_failed_process_status():
