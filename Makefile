@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 demo: export JAX_PLATFORMS ?= cpu
 demo: $(STAMP)
 	$(PYTHON) -m dinorank_jax.main --config configs/demo.py --workdir runs/demo
-	$(PYTHON) -m dinorank_jax.export --workdir runs/demo --out exports/demo
+	$(PYTHON) -m dinorank_jax.export --workdir runs/demo --out exports/demo --overwrite
 	$(PYTHON) -m dinorank_jax.evaluate --model exports/demo --suite synthetic \
 	  --data_dir data/demo --out reports/demo
 	@echo "demo done: run in runs/demo (checkpoints, metrics.jsonl), export in exports/demo," \

@@ -192,11 +192,12 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_state))))
 
-  def restore(self, abstract_state, iterator):
+  def restore(self, abstract_state, iterator, global_batch: int):
     """The latest state that restores (placed as `abstract_state` says),
-    moving `iterator` to its saved position; None when there is no
-    checkpoint. A damaged checkpoint is reported and the previous one tried;
-    `UnrestorableCheckpoints` when none restores."""
+    moving `iterator` to its saved position (`_restore`: on any number of
+    processes); None when there is no checkpoint. A damaged checkpoint is
+    reported and the previous one tried; `UnrestorableCheckpoints` when none
+    restores."""
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       where = f"checkpoint {step} in {self.manager.directory}"
@@ -209,9 +210,7 @@ class Checkpointer:
       check_params(saved["params"], abstract_state.params, where)
       try:
         with _quiet_failed_reads():
-          restored = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state),
-              data=grain.checkpoint.CheckpointRestore(iterator)))
+          restored = self._restore(step, abstract_state, iterator, global_batch)
       except Exception as e:  # damaged array files, damaged data state
         failures.append(f"{step}: {_reason(e)}")
         logging.warning("%s cannot be restored (%s); trying the one before", where, _reason(e))
@@ -219,12 +218,37 @@ class Checkpointer:
       if failures:
         self._set_aside(step)
         logging.warning("resuming from %s instead of the latest", where)
-      return restored["state"]
+      return restored
     if failures:
       raise UnrestorableCheckpoints(
           f"no checkpoint in {self.manager.directory} restores ({'; '.join(failures)}): move "
           "that directory aside to start afresh")
     return None
+
+  def _restore(self, step: int, abstract_state, iterator, global_batch: int):
+    """The state of `step`, and `iterator` at its data position. Written by as
+    many processes as now: each process's own iterator state (exact, skipped
+    records included). By another count: the position is global — each saved
+    state counts the records its process drew, `global_batch / count` of
+    every global batch, so `records / share` is the global batches drawn, and
+    the global batches do not depend on the process count
+    (`pipeline.ProcessBlocks`) — and every process starts at that global
+    batch. Exact unless records were skipped: a process that skipped drew
+    ahead of the others, and the furthest one decides."""
+    data = os.path.join(self.manager.directory, str(step), "data")
+    count = jax.process_count()
+    saved = _saved_positions(data)
+    if not saved or len(saved) == count:
+      return self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(iterator)))["state"]
+    drawn = max(-(-n // (global_batch // len(saved))) for n in saved)
+    state = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))["state"]
+    iterator.set_state({"next_index": drawn * (global_batch // count)})
+    logging.info("checkpoint %d holds the data positions of %d processes; resumed on %d at "
+                 "global batch %d", step, len(saved), count, drawn)
+    return state
 
   def _set_aside(self, good: int) -> None:
     """Moves the damaged steps after `good` to `workdir/damaged_checkpoints/`
@@ -246,6 +270,24 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def _saved_positions(data: str) -> list[int] | None:
+  """The records each process had drawn, from the per-process iterator states
+  under `data` (`process_<i>-of-<n>.json`, Grain's layout), in process order;
+  None when they are not all plain `{"next_index": n}` states."""
+  try:
+    names = [n for n in os.listdir(data) if n.startswith("process_") and n.endswith(".json")]
+    states = {}
+    for name in names:
+      index, count = map(int, name[len("process_"):-len(".json")].split("-of-"))
+      with open(os.path.join(data, name)) as f:
+        states[index] = json.load(f)["next_index"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  if not states or sorted(states) != list(range(count)):
+    return None
+  return [int(states[i]) for i in range(count)]
 
 
 def abstract_state(tree, shardings):

@@ -339,7 +339,7 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
       num_records=config.data.num_records, threads=config.data.threads,
       worker_count=config.data.worker_count, syn_captions=objective.alip,
       max_skip_fraction=config.data.max_skip_fraction))
-  restored = checkpointer.restore(abstract_state(state, shardings), iterator)
+  restored = checkpointer.restore(abstract_state(state, shardings), iterator, config.batch_size)
   if restored is not None:
     state = restored
     logging.info("resumed from step %d", int(state.step))

@@ -55,7 +55,8 @@ def test_resume_gives_identical_parameters_and_batches(tmp_path):
   del state, iterator                                                     # a new process
   fresh, step, iterator = _trainer(data, mesh)
   restorer = Checkpointer(str(tmp_path / "run"))
-  state = restorer.restore(abstract_state(fresh, parallel.state_shardings(fresh, mesh)), iterator)
+  state = restorer.restore(abstract_state(fresh, parallel.state_shardings(fresh, mesh)), iterator,
+                           16)
   assert restorer.latest_step == 5 and int(state.step) == 5
   resumed = jax.device_get(_train(state, step, iterator, mesh, 3, resumed_batches))
   for a, b in zip(straight_batches, resumed_batches):
@@ -74,7 +75,7 @@ def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
   saver.wait()
   restored = Checkpointer(str(tmp_path / "run")).restore(
       abstract_state(state, parallel.state_shardings(state, four)), iter(pipeline.make_dataset(
-          data, batch_size=16, image_size=IMAGE, seed=0)))
+          data, batch_size=16, image_size=IMAGE, seed=0)), 16)
   leaf = jax.tree.leaves(restored.params)[0]
   assert leaf.sharding.mesh.devices.size == 4
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import runpy
+import shutil
 import signal
 import socket
 import subprocess
@@ -235,9 +236,13 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
+def test_two_processes_of_four_devices_equal_one_of_eight_and_resume_on_any_count(tmp_path):
+  """2 × 4 devices against 1 × 8, step for step; then the 2 × 4 run resumed
+  from its step-6 checkpoint on 1 × 8, and from step 8 on 4 × 2, continues
+  the same global batches: every step equals the straight 1 × 8 run."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
-  flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=3")  # 6 steps
+  flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=5",   # 10 steps
+           "--config.checkpoint.every=2")
   single = str(tmp_path / "single")
   proc = _main(single, *flags)
   assert proc.wait(timeout=600) == 0, proc.communicate()[0][-3000:]
@@ -250,15 +255,36 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
   one, two = _metrics(single), _metrics(multi)
   assert [m["step"] for m in one] == [m["step"] for m in two]
-  for a, b in zip(one, two):
+  _assert_same_steps(one, two)
+  # Adam turns float noise in near-zero gradients into steps of up to lr (2e-3)
+  # over 10 steps; 1e-4 is far below what a missed cross-process reduction gives.
+  for a, b in zip(_saved_params(single, 10), _saved_params(multi, 10)):
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
+
+  for keep, processes, devices in ((6, 1, 8), (8, 4, 2)):   # the 3 kept: 6, 8, 10
+    for step in os.listdir(os.path.join(multi, "checkpoints")):
+      if int(step) > keep:
+        shutil.rmtree(os.path.join(multi, "checkpoints", step))
+    proc = subprocess.run(["bash", LAUNCH_CPU, str(processes), str(devices),
+                           f"--workdir={multi}", *flags],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert (f"checkpoint {keep} holds the data positions of {2 if keep == 6 else 1} processes; "
+            f"resumed on {processes} at global batch {keep}") in out
+    rows = _metrics(multi)
+    resumed = rows[max(i for i, m in enumerate(rows) if "compile/equations" in m) + 1:]
+    assert [m["step"] for m in resumed if "loss" in m] == list(range(keep + 1, 11))
+    _assert_same_steps([m for m in one if m["step"] > keep], resumed)
+
+
+def _assert_same_steps(expected, got):
+  for a, b in zip(expected, got):
+    assert a["step"] == b["step"]
     for key in ("loss", "clip", "rank_cross", "distill_image", "distill_text",
                 "retrieval/i2t_r1", "zero_shot/colour"):
       if key in a:
-        np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=key)
-  # Adam turns float noise in near-zero gradients into steps of up to lr (2e-3)
-  # over 6 steps; 1e-4 is far below what a missed cross-process reduction gives.
-  for a, b in zip(_saved_params(single, 6), _saved_params(multi, 6)):
-    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=f"{key} at {a['step']}")
 
 
 def _job(workdir, count, *flags):
