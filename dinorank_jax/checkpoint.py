@@ -93,7 +93,7 @@ class _NoMissingStepMetadata(logging.Filter):
     return not str(record.msg).startswith("Metadata file does not exist")
 
 
-def quiet_step_metadata_warning() -> None:
+def quiet_orbax_noise() -> None:
   """Installs `_NoMissingStepMetadata` on absl's logger (orbax logs through
   it) and `_closed_loop_errors_dropped` as the unraisable hook, once."""
   absl_log = logging.getLogger("absl")
@@ -176,7 +176,7 @@ class Checkpointer:
                                            enable_async_checkpointing=asynchronous)
     self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                          options=options)
-    quiet_step_metadata_warning()
+    quiet_orbax_noise()
 
   @property
   def latest_step(self) -> int | None:

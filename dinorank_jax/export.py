@@ -148,7 +148,7 @@ def trained_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
                      "train the run first, or pass --step with one of "
                      f"{sorted(manager.all_steps())}")
   path = os.path.join(directory, str(step), "state")
-  checkpoint.quiet_step_metadata_warning()
+  checkpoint.quiet_orbax_noise()
   try:
     saved = checkpoint.read_metadata(path)
   except checkpoint.MissingMetadata as e:
