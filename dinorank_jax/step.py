@@ -19,6 +19,7 @@ triples) is drawn from `fold_in(seed, step)`, so a resumed run draws the same.
 
 import dataclasses
 import functools
+from typing import Callable, NamedTuple
 
 import flax
 import jax
@@ -28,6 +29,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dinorank_jax import optim
+from dinorank_jax.checkpoint import abstract_state
 from dinorank_jax.losses.alip import consistency_gates, initial_momenta
 from dinorank_jax.losses.contrastive import clip_loss
 from dinorank_jax.losses.cyclip import cyclic_losses
@@ -71,14 +73,33 @@ class TrainState:
   stats: dict          # running statistics of the objective (ALIP's momenta), else empty
 
 
+def distillation(objective: Objective, side: str, out: dict, batch: dict,
+                 student_grid: tuple[int, int], key) -> tuple[jax.Array, dict]:
+  """`(loss, metrics)` of one student (`side`: "image" or "text") against the
+  teacher's fields of `batch`, on these rows: the image student's tokens
+  against the teacher grid aligned to each row's crop and flip, the text
+  student's tokens and the teacher's pooled to `objective.text_slots`."""
+  student = out[f"{side}_student"]
+  if side == "image":
+    teacher = {"tokens": align_teacher_grid(batch["teacher_patches"], batch["crop"],
+                                            batch["flip"], student_grid),
+               "cls": batch["teacher_cls"]}
+  else:
+    pool = functools.partial(masked_adaptive_avg_pool, num_segments=objective.text_slots)
+    student = {**student, **{k: pool(student[k], student["mask"])
+                             for k in ("tokens", "tokens_proj") if k in student}}
+    teacher = {"tokens": pool(batch["teacher_text_tokens"], batch["teacher_text_mask"]),
+               "cls": batch["teacher_text_pooled"]}
+  return distill_loss(objective.criterion, student, teacher, key=key, beta=objective.beta,
+                      max_triples=objective.rkd_max_triples)
+
+
 def _local_losses(objective, model, params, out, batch, scale, key, active, stats,
                   student_grid):
   """Every loss term on this shard's rows and the updated `stats`; scalars
   equal on every shard."""
   image_head, text_head = list_heads(model, {"params": params})
   tie_key, image_key, text_key = jax.random.split(key, 3)
-  distill = functools.partial(distill_loss, objective.criterion, beta=objective.beta,
-                              max_triples=objective.rkd_max_triples)
   weights = {}
   if objective.alip:
     weights, momenta, alip_metrics = consistency_gates(
@@ -99,21 +120,11 @@ def _local_losses(objective, model, params, out, batch, scale, key, active, stat
                                          weights=weights["caption"])
     metrics.update(alip_metrics)
   shard = jax.lax.axis_index(BATCH)
-  if "image_student" in out:
-    teacher = {"tokens": align_teacher_grid(batch["teacher_patches"], batch["crop"],
-                                            batch["flip"], student_grid),
-               "cls": batch["teacher_cls"]}
-    terms["distill_image"], m = distill(out["image_student"], teacher,
-                                        key=jax.random.fold_in(image_key, shard))
-    metrics.update({f"image_{k}": x for k, x in m.items()})
-  if "text_student" in out:
-    s = out["text_student"]
-    pool = functools.partial(masked_adaptive_avg_pool, num_segments=objective.text_slots)
-    student = {**s, **{k: pool(s[k], s["mask"]) for k in ("tokens", "tokens_proj") if k in s}}
-    teacher = {"tokens": pool(batch["teacher_text_tokens"], batch["teacher_text_mask"]),
-               "cls": batch["teacher_text_pooled"]}
-    terms["distill_text"], m = distill(student, teacher, key=jax.random.fold_in(text_key, shard))
-    metrics.update({f"text_{k}": x for k, x in m.items()})
+  for side, key in (("image", image_key), ("text", text_key)):
+    if f"{side}_student" in out:
+      terms[f"distill_{side}"], m = distillation(objective, side, out, batch, student_grid,
+                                                 jax.random.fold_in(key, shard))
+      metrics.update({f"{side}_{k}": x for k, x in m.items()})
   gates = [out[g] for g in ("image_gate", "text_gate") if g in out]
   if gates:
     terms["fusion_gate"] = jnp.mean(jnp.stack([jnp.mean(g ** 2) for g in gates]))
@@ -267,31 +278,46 @@ def make_train_step(model: DinoRankCLIP, optimizer: optim.Optimizer,
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
 
 
-def state_initializer(model: DinoRankCLIP, optimizer: optim.Optimizer, mesh,
-                      image_size: int, seed: int = 0, objective: Objective = Objective()):
-  """`(init, shardings)`: `init(images, tokens)` jitted to create the state in
-  place with the shardings of `parallel.state_shardings`, taking uint8
-  `[1, S, S, 3]` images and int `[1, L]` tokens (`abstract_inputs`)."""
+class TrainProgram(NamedTuple):
+  """The trainer's programs for one model on one mesh (`build`)."""
+  init: Callable          # jitted `init(images, tokens) -> TrainState`, created in place
+  step: Callable          # jitted `step(state, batch, schedule) -> (state, metrics)`
+  shardings: TrainState   # where each part of the state lives (`parallel.state_shardings`)
+  abstract: TrainState    # the state's shapes and dtypes, placed by `shardings`
+  inputs: tuple           # the shapes `init` is called with (`abstract_inputs`)
+
+  def new_state(self) -> TrainState:
+    """Parameters, optimiser state and the objective's statistics, created in place."""
+    return self.init(*(jnp.zeros(x.shape, x.dtype) for x in self.inputs))
+
+
+def build(model: DinoRankCLIP, optimizer: optim.Optimizer, objective: Objective, mesh,
+          image_size: int, *, seed: int = 0, **step_options) -> TrainProgram:
+  """The state initialiser and the train step (`make_train_step` with
+  `step_options`) of `model` at `image_size` on `mesh`: the one place the
+  trainer, the benchmarks and the tests build them.
+
+  `init` takes uint8 `[1, S, S, 3]` images and int `[1, L]` tokens
+  (`abstract_inputs`) and creates the state with the shardings of
+  `parallel.state_shardings`; nothing is allocated until it is called
+  (`TrainProgram.new_state`), so `abstract` serves ahead-of-time compiles.
+  """
   def init(images, tokens):
     params = model.init(jax.random.key(seed), normalise_images(images), tokens)["params"]
     stats = {"alip_momenta": initial_momenta()} if objective.alip else {}
     # The optimiser's state does not depend on its learning rate's schedule.
     opt_state = optimizer(optim.learning_rate(optim.Schedule(1, 1, 0.0, 0))).init(params)
     return TrainState(jnp.zeros((), jnp.int32), params, opt_state, stats)
-  shardings = state_shardings(jax.eval_shape(init, *abstract_inputs(image_size)), mesh)
-  return jax.jit(init, out_shardings=shardings), shardings
+  inputs = abstract_inputs(image_size)
+  shapes = jax.eval_shape(init, *inputs)
+  shardings = state_shardings(shapes, mesh)
+  abstract = abstract_state(shapes, shardings)
+  step = make_train_step(model, optimizer, objective, mesh, shardings, seed=seed,
+                         **step_options)
+  return TrainProgram(jax.jit(init, out_shardings=shardings), step, shardings, abstract, inputs)
 
 
 def abstract_inputs(image_size: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
-  """The shapes `state_initializer`'s `init` is called with."""
+  """The shapes `TrainProgram.init` is called with."""
   return (jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8),
           jax.ShapeDtypeStruct((1, CONTEXT_LENGTH), jnp.int32))
-
-
-def init_state(model: DinoRankCLIP, optimizer: optim.Optimizer, mesh, image_size: int,
-               seed: int = 0, objective: Objective = Objective()) -> tuple[TrainState, object]:
-  """Parameters, optimiser state and the objective's statistics, created in
-  place (`state_initializer`); returns `(state, shardings)`."""
-  init, shardings = state_initializer(model, optimizer, mesh, image_size, seed, objective)
-  images, tokens = (jnp.zeros(x.shape, x.dtype) for x in abstract_inputs(image_size))
-  return init(images, tokens), shardings

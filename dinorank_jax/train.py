@@ -3,7 +3,7 @@
 One loop for one CPU, one GPU, a node or several hosts: the batch is sharded
 over every device of every process (`parallel`), each process reads its rows
 of every global batch (`data.pipeline`), and the step is the jitted,
-state-donating `step.make_train_step`. The run resumes from the latest
+state-donating train step of `step.build`. The run resumes from the latest
 complete checkpoint in `workdir` (state and data iterator, so the batches
 continue exactly), saves every `config.checkpoint.every` steps, at the end,
 and when SIGTERM arrives (preemption) before exiting. Evaluation runs on
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from dinorank_jax import config as config_lib
 from dinorank_jax import compilation, evaluate, optim, parallel, warm_start
 from dinorank_jax import workdir as workdir_lib
-from dinorank_jax.checkpoint import Checkpointer, abstract_state
+from dinorank_jax.checkpoint import Checkpointer
 from dinorank_jax.data import records
 from dinorank_jax.data.pipeline import make_dataset
 from dinorank_jax.data.prepare import prepare
@@ -49,7 +49,7 @@ from dinorank_jax.models.layers import ATTENTION, REMAT_POLICIES
 from dinorank_jax.models.summary import parameter_overview
 from dinorank_jax.models.text import TEXT_SIZES
 from dinorank_jax.models.vit import VIT_SIZES, vit_size
-from dinorank_jax.step import Objective, init_state, make_train_step
+from dinorank_jax.step import Objective, build
 
 NONFINITE = ("stop", "skip")
 MAX_RANK_ORDER = 5          # the orders the paper studies and the tests cover (configs/r0..r5)
@@ -329,8 +329,11 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
   optimizer = functools.partial(optim.adamw, weight_decay=config.optim.weight_decay)
   objective = Objective(**config.objective.to_dict())
   size = config.data.image_size
-  state, shardings = init_state(model, optimizer, mesh, size, seed=config.seed,
-                                objective=objective)
+  step_options = dict(seed=config.seed, skip_nonfinite=config.on_nonfinite == "skip",
+                      accum_steps=config.optim.accum_steps,
+                      clip_grad_norm=config.optim.clip_grad_norm)
+  program = build(model, optimizer, objective, mesh, size, **step_options)
+  state = program.new_state()
   if lead:
     logging.info("parameters:\n%s", parameter_overview(state.params))
   iterator = iter(make_dataset(
@@ -339,18 +342,17 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
       num_records=config.data.num_records, threads=config.data.threads,
       worker_count=config.data.worker_count, syn_captions=objective.alip,
       max_skip_fraction=config.data.max_skip_fraction))
-  restored = checkpointer.restore(abstract_state(state, shardings), iterator, config.batch_size)
+  restored = checkpointer.restore(program.abstract, iterator, config.batch_size)
   if restored is not None:
     state = restored
     logging.info("resumed from step %d", int(state.step))
   elif trunks is not None:
     state = state.replace(params=warm_start.replace_trunks(state.params, trunks,
-                                                           shardings.params))
+                                                           program.shardings.params))
     logging.info("trunks and logit scale from %s", config.init_from)
-  step_for = lambda model: make_train_step(
-      model, optimizer, objective, mesh, shardings,
-      seed=config.seed, skip_nonfinite=config.on_nonfinite == "skip",
-      accum_steps=config.optim.accum_steps, clip_grad_norm=config.optim.clip_grad_norm)
+  # The step of `model` or of the same model under another remat policy.
+  step_for = lambda other: program.step if other is model else build(
+      other, optimizer, objective, mesh, size, **step_options).step
   wandb = ({"project": config.log.wandb_project, "name": os.path.basename(workdir.rstrip("/")),
             "config": json.loads(config_json)} if config.log.wandb else None)
   writer = MetricWriter(workdir, active=lead, wandb=wandb)

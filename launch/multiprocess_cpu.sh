@@ -9,6 +9,7 @@
 # Knobs (environment):
 #   PYTHON   interpreter with dinorank_jax installed (default: python)
 #   PORT     coordinator port on localhost (default: a random free-looking one)
+#   XLA_FLAGS  kept, with the device count set after it (the last count wins)
 # If one process fails, the others are stopped and its exit status returned.
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
@@ -20,7 +21,7 @@ shift 2
 port=${PORT:-$((20000 + RANDOM % 20000))}
 pids=()
 for ((i = 0; i < n; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices" \
     "${PYTHON:-python}" -m dinorank_jax.main --coordinator_address="localhost:$port" \
     --num_processes="$n" --process_id="$i" "$@" &
   pids+=($!)

@@ -4,8 +4,9 @@ JAX reports the seconds it spends tracing, lowering and compiling each
 program (`jax.monitoring` events under /jax/core/compile/); this plugin sums
 them per test, in the process that runs the test (subprocesses a test starts
 are not seen). `pytest --compile_times=FILE` writes one JSON line per test,
-`{"test", "seconds", "compile_seconds"}`, and the summary names the tests that
-spent the most time compiling. docs/performance.md § Test suite reads it.
+`{"test", "seconds", "compile_seconds"}`; every run ends with the 15 slowest
+tests, each with its wall and compile seconds, and the suite's totals, so a
+test that grows the suite shows (docs/performance.md § The test suite's time).
 """
 
 import collections
@@ -48,6 +49,7 @@ def pytest_runtest_makereport(item, call):
     outcome.get_result().user_properties.append(("compile_seconds", _spent["compile"]))
 
 
+SHOWN = 15
 _reports = []
 _durations = collections.defaultdict(float)
 
@@ -72,7 +74,10 @@ def pytest_terminal_summary(terminalreporter, config):
                             "compile_seconds": round(compiling, 2)}) + "\n")
   total = sum(r[1] for r in rows)
   compiling = sum(r[2] for r in rows)
-  terminalreporter.write_sep("=", "compile time (in the test's own process)")
-  terminalreporter.write_line(f"{len(rows)} tests: {total:.0f} s in all, {compiling:.0f} s compiling")
-  for test, seconds, spent in sorted(rows, key=lambda r: -r[2])[:10]:
-    terminalreporter.write_line(f"{spent:8.1f} s of {seconds:7.1f} s  {test}")
+  terminalreporter.write_sep("=", f"the {SHOWN} slowest tests: wall and compile seconds "
+                                  "(in the test's own process)")
+  for test, seconds, spent in sorted(rows, key=lambda r: -r[1])[:SHOWN]:
+    terminalreporter.write_line(f"{seconds:7.1f} s wall {spent:7.1f} s compiling  {test}")
+  terminalreporter.write_line(f"{len(rows)} tests: {total:.0f} s of test time, {compiling:.0f} s "
+                              "of it compiling (the budget: docs/performance.md § The test "
+                              "suite's time)")

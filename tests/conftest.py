@@ -1,4 +1,6 @@
-"""Tests run JAX on the CPU with 8 virtual devices, so sharded paths run.
+"""Tests run JAX on the CPU with 8 virtual devices, so sharded paths run, and
+compile with `tests/xla_options.py`'s `FAST_COMPILE` (XLA:CPU's backend at
+optimisation level 0), inherited by every process a test starts.
 
 One persistent compilation cache serves the whole run: the controller makes
 it and every xdist worker and every subprocess a test starts inherits it
@@ -13,9 +15,11 @@ import os
 import shutil
 import tempfile
 
-_DEVICES = "--xla_force_host_platform_device_count=8"
-if _DEVICES not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES}".strip()
+from tests.xla_options import FAST_COMPILE
+
+for _flag in ("--xla_force_host_platform_device_count=8", FAST_COMPILE):
+  if _flag not in os.environ.get("XLA_FLAGS", "").split():
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   _cache = tempfile.mkdtemp(prefix="dinorank-tests-jax-cache-")
@@ -28,7 +32,20 @@ pytest_plugins = ["tests.compile_times"]
 
 
 def pytest_collection_modifyitems(config, items):
-  """Slow tests first, so the longest ones start at once; with xdist's
-  `--dist worksteal` (the Makefile's) an idle worker takes half of another's
-  remaining queue, so no worker ends the run with a row of slow tests."""
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+  """Slow tests first, dealt round-robin to the xdist workers. xdist's
+  `--dist worksteal` (the Makefile's) hands worker k the k-th contiguous
+  block of the collection and later steals from the ends of the queues, so
+  each block starts with its share of the slow tests: they all start early,
+  on different workers, and no worker ends the run with a row of them."""
+  workers = getattr(config, "workerinput", {}).get("workercount", 1)
+  slow = [item for item in items if item.get_closest_marker("slow")]
+  fast = [item for item in items if not item.get_closest_marker("slow")]
+  ordered, remaining = [], len(items)
+  for k in range(workers):            # worksteal's block sizes: remaining // workers left
+    size = remaining // (workers - k)
+    block = slow[k::workers]
+    block += fast[:max(0, size - len(block))]
+    del fast[:max(0, size - len(slow[k::workers]))]
+    ordered += block
+    remaining -= size
+  items[:] = ordered + fast

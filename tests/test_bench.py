@@ -17,7 +17,7 @@ from dinorank_jax.bench import build as build_suite
 from dinorank_jax.bench import data, flops, losses, step
 from dinorank_jax.models import DinoRankCLIP
 from dinorank_jax.optim import WARM_START_EPOCHS
-from dinorank_jax.step import abstract_inputs, state_initializer
+from dinorank_jax.step import build
 
 # Unrolled: XLA's cost analysis counts a loop body once, not once per layer.
 PAPER = dict(embed_dim=512, image_trunk="B/32", text_trunk="B", image_student="Ti/16",
@@ -103,17 +103,17 @@ def test_unrolled_stacks_are_several_times_the_program_of_scanned_ones():
   def equations(scan):
     model, objective, optimizer = step.bench_model(0, step.SHAPES["gpu"], "none",
                                             {"scan": scan, "remat": "none"})
-    init, _ = state_initializer(model, optimizer, parallel.make_mesh(), 224, objective=objective)
-    return len(init.trace(*abstract_inputs(224)).jaxpr.jaxpr.eqns)
+    program = build(model, optimizer, objective, parallel.make_mesh(), 224)
+    return len(program.init.trace(*program.inputs).jaxpr.jaxpr.eqns)
   assert equations(False) > 5 * equations(True)
 
 
 def test_benchmark_state_is_drawn_from_abstract_shapes():
   model, objective, optimizer = step.bench_model(3, step.SHAPES["cpu"])
   mesh = parallel.make_mesh()
-  state, shardings = step.random_state(model, optimizer, mesh, 32, objective)
-  init, _ = state_initializer(model, optimizer, mesh, 32, objective=objective)
-  expected = jax.eval_shape(init, *abstract_inputs(32))
+  program = build(model, optimizer, objective, mesh, 32)
+  state = step.random_state(program, optimizer)
+  expected = jax.eval_shape(program.init, *program.inputs)
   assert jax.tree.map(lambda x: (x.shape, x.dtype), state.params) == jax.tree.map(
       lambda x: (x.shape, x.dtype), expected.params)
   assert int(state.step) == WARM_START_EPOCHS[1]
@@ -124,11 +124,11 @@ def test_benchmark_state_is_drawn_from_abstract_shapes():
 def test_the_persistent_cache_serves_a_second_process(tmp_path):
   code = ("import sys, time, jax; from dinorank_jax import compilation, parallel\n"
           "from dinorank_jax.bench import step\n"
-          "from dinorank_jax.step import abstract_inputs, state_initializer\n"
+          "from dinorank_jax.step import build\n"
           "compilation.use_cache(sys.argv[1])\n"
           "model, objective, optimizer = step.bench_model(3, step.SHAPES['gpu'], 'none')\n"
-          "init, _ = state_initializer(model, optimizer, parallel.make_mesh(), 224)\n"
-          "print(compilation.compile_ahead(init, *abstract_inputs(224))[1]['compile_seconds'])")
+          "program = build(model, optimizer, objective, parallel.make_mesh(), 224)\n"
+          "print(compilation.compile_ahead(program.init, *program.inputs)[1]['compile_seconds'])")
   run = lambda: float(subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")],
                                      capture_output=True, text=True, check=True).stdout)
   first = run()

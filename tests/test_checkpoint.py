@@ -7,16 +7,16 @@ import pytest
 
 from dinorank_jax import optim, parallel
 from dinorank_jax.checkpoint import Checkpointer, abstract_state
-from dinorank_jax.data import build, pipeline
-from dinorank_jax.step import Objective, init_state, make_train_step
+from dinorank_jax.data import build as build_data, pipeline
+from dinorank_jax.step import Objective, build
 from tests.model_sizes import IMAGE, tiny_model
 
 
 def _dataset(tmp_path):
   out = str(tmp_path / "data")
-  args = build.parser().parse_args(["--source", "synthetic", "--out", out, "--num", "48",
+  args = build_data.parser().parse_args(["--source", "synthetic", "--out", out, "--num", "48",
                                     "--image_size", "48", "--shard_size", "16", "--workers", "1"])
-  build.build(args)
+  build_data.build(args)
   return out
 
 
@@ -25,8 +25,9 @@ def _trainer(data, mesh):
   stream = pipeline.make_dataset(data, batch_size=16, image_size=IMAGE, seed=0)
   iterator = iter(stream)
   first = next(iter(stream))
-  state, shardings = init_state(model, optim.adamw, mesh, first["image"].shape[1])
-  step = make_train_step(model, optim.adamw, Objective(high_order_len=None), mesh, shardings)
+  program = build(model, optim.adamw, Objective(high_order_len=None), mesh,
+                  first["image"].shape[1])
+  state, step = program.new_state(), program.step
   schedule = optim.Schedule(steps_per_epoch=3, epochs=4, peak_lr=1e-3, warmup_steps=2)
   return state, lambda state, batch: step(state, batch, schedule), iterator
 

@@ -8,8 +8,9 @@ import pytest
 
 from dinorank_jax import optim, parallel
 from dinorank_jax.losses.distill import PROJECTED
-from dinorank_jax.step import Objective, init_state, make_train_step
+from dinorank_jax.step import Objective, build
 from tests.model_sizes import EOT, IMAGE, tiny_model, tokens
+from tests.xla_options import TRAINER
 
 
 def _batch(b=16, seed=0):
@@ -38,16 +39,19 @@ def sgd(rate):
   return lambda lr: optax.sgd(rate)
 
 
-def _run(mesh, objective, steps=2, optimizer=optim.adamw, host=None, **model_kw):
+def _run(mesh, objective, steps=2, optimizer=optim.adamw, host=None, compiler_options=None,
+         **model_kw):
+  """`(state, metrics of each step, step)`; the step compiled with XLA's
+  `compiler_options` when given (`tests/xla_options.py`)."""
   model = tiny_model(dtype=jnp.float32, **model_kw)
   host = host or _batch()
-  state, shardings = init_state(model, optimizer, mesh, host["image"].shape[1],
-                                objective=objective)
-  step = make_train_step(model, optimizer, objective, mesh, shardings)
+  program = build(model, optimizer, objective, mesh, host["image"].shape[1])
+  state, step = program.new_state(), program.step
   batch = parallel.global_batch(mesh, host)
+  run = step.lower(state, batch, SCHEDULE).compile(compiler_options) if compiler_options else step
   history = []
   for _ in range(steps):
-    state, metrics = step(state, batch, SCHEDULE)
+    state, metrics = run(state, batch, SCHEDULE)
     history.append(metrics)
   return state, history, step
 
@@ -59,9 +63,10 @@ def test_sharded_step_equals_one_device():
   eight = parallel.make_mesh()
   one = parallel.make_mesh(jax.devices()[:1])
   # Plain SGD, so parameters differ exactly by the gradients' differences
-  # (Adam would turn float noise in near-zero gradients into lr-sized steps).
-  s8, m8, _ = _run(eight, objective, optimizer=sgd(1.0))
-  s1, m1, _ = _run(one, objective, optimizer=sgd(1.0))
+  # (Adam would turn float noise in near-zero gradients into lr-sized steps);
+  # the trainer's XLA options, for which the bounds below are derived.
+  s8, m8, _ = _run(eight, objective, optimizer=sgd(1.0), compiler_options=TRAINER)
+  s1, m1, _ = _run(one, objective, optimizer=sgd(1.0), compiler_options=TRAINER)
   for a, b in zip(m8, m1):
     for k in ("loss", "clip", "rank_cross", "rank_in", "distill_image", "distill_text"):
       np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
@@ -99,9 +104,9 @@ def test_objective_assembles_equation_4():
   mesh = parallel.make_mesh(jax.devices()[:1])
   model = tiny_model(dtype=jnp.float32)
   host = _batch()
-  state, shardings = init_state(model, sgd(0.0), mesh, host["image"].shape[1])
+  program = build(model, sgd(0.0), objective, mesh, host["image"].shape[1])
+  state, step = program.new_state(), program.step
   params = jax.tree.map(np.asarray, state.params)
-  step = make_train_step(model, sgd(0.0), objective, mesh, shardings)
   _, m = step(state, parallel.global_batch(mesh, host), SCHEDULE)
   expected = (m["clip"] + m["rank_weight"] * (m["rank_cross"] + m["rank_in"])
               + 0.7 * m["distill_image"] + 0.3 * m["distill_text"]
@@ -122,8 +127,10 @@ def test_objective_assembles_equation_4():
 @pytest.mark.slow
 def test_fsdp_step_equals_data_parallel_step():
   objective = Objective(beta=0.0, high_order_len=None)
-  fsdp, _, _ = _run(parallel.make_mesh(fsdp=4), objective, optimizer=sgd(1.0))
-  plain, _, _ = _run(parallel.make_mesh(), objective, optimizer=sgd(1.0))
+  fsdp, _, _ = _run(parallel.make_mesh(fsdp=4), objective, optimizer=sgd(1.0),
+                    compiler_options=TRAINER)
+  plain, _, _ = _run(parallel.make_mesh(), objective, optimizer=sgd(1.0),
+                     compiler_options=TRAINER)
   sharded = [x for x in jax.tree.leaves(fsdp.params) if parallel.FSDP in x.sharding.spec]
   assert len(sharded) > 10                                   # parameters are split over fsdp
   _assert_params_close(fsdp.params, plain.params)
@@ -136,10 +143,10 @@ def test_nonfinite_step_is_skipped_when_asked():
   host = _batch()
   host["teacher_patches"][0] = np.inf                      # poisons the image distillation
   for skip in (True, False):
-    state, shardings = init_state(model, optim.adamw, mesh, host["image"].shape[1])
+    program = build(model, optim.adamw, Objective(), mesh, host["image"].shape[1],
+                    skip_nonfinite=skip)
+    state, step = program.new_state(), program.step
     before = jax.tree.map(np.asarray, state.params)
-    step = make_train_step(model, optim.adamw, Objective(), mesh, shardings,
-                           skip_nonfinite=skip)
     state, m = step(state, parallel.global_batch(mesh, host), SCHEDULE)
     assert not bool(m["finite"]) and not np.isfinite(float(m["distill_image"]))
     same = all(np.array_equal(a, np.asarray(b))
@@ -225,8 +232,8 @@ def test_accumulated_step_equals_the_whole_batch_step(students):
   results = []
   for accum in (1, 4):
     model = tiny_model(dtype=jnp.float32, students=students)
-    state, shardings = init_state(model, sgd(1.0), mesh, IMAGE, objective=objective)
-    step = make_train_step(model, sgd(1.0), objective, mesh, shardings, accum_steps=accum)
+    program = build(model, sgd(1.0), objective, mesh, IMAGE, accum_steps=accum)
+    state, step = program.new_state(), program.step
     state, metrics = step(state, parallel.global_batch(mesh, host), SCHEDULE)
     results.append((state, metrics))
   (whole, m1), (accumulated, m4) = results
@@ -239,8 +246,8 @@ def test_gradient_clipping_bounds_the_update():
   mesh = parallel.make_mesh()
   model = tiny_model(dtype=jnp.float32)
   objective = Objective()
-  state, shardings = init_state(model, sgd(1.0), mesh, IMAGE, objective=objective)
-  step = make_train_step(model, sgd(1.0), objective, mesh, shardings, clip_grad_norm=0.01)
+  program = build(model, sgd(1.0), objective, mesh, IMAGE, clip_grad_norm=0.01)
+  state, step = program.new_state(), program.step
   _, metrics = step(state, parallel.global_batch(mesh, _batch()), SCHEDULE)
   assert metrics["grad_norm"] > 0.01                       # logged before clipping
   np.testing.assert_allclose(metrics["update_norm"], 0.01, rtol=1e-3)   # SGD(1): update = grad

@@ -17,8 +17,6 @@ searches, for every remat policy and order, the largest rows per device
 whose train step fits.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -28,17 +26,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dinorank_jax import aot, compilation, optim, parallel
 from dinorank_jax.bench.step import SCHEDULE, SHAPES, bench_model, synthetic_batch
-from dinorank_jax.checkpoint import abstract_state
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH
 from dinorank_jax.errors import UserError
 from dinorank_jax.losses.contrastive import clip_loss
-from dinorank_jax.losses.distill import align_teacher_grid, distill_loss
 from dinorank_jax.losses.ranking import rank_losses
 from dinorank_jax.models import list_heads
 from dinorank_jax.models.layers import REMAT_POLICIES
 from dinorank_jax.models.vit import vit_size
-from dinorank_jax.pooling import masked_adaptive_avg_pool
-from dinorank_jax.step import abstract_inputs, make_train_step, state_initializer
+from dinorank_jax.step import build, distillation
 
 GIB = 2 ** 30
 
@@ -63,16 +58,17 @@ class Programs:
     self.overrides = overrides or {}
     self.mesh = parallel.make_mesh(aot.devices(target, devices) if target else None)
 
-  def _model(self, order: int, overrides: dict):
+  def program(self, order: int, **overrides):
+    """`(model, objective, optimizer, program)` of the order-`order` model
+    with `overrides` of `config.model` fields (`step.build`)."""
     overrides = {**self.overrides, **overrides}
     if self.target and overrides.get("attention") == "cudnn":
       raise UserError("attention=cudnn cannot be compiled for a --target: JAX asks the local "
                       "cuDNN library and GPU when it traces that path; compile attention=xla "
                       "here, or time cudnn on the GPU (launch/gpu_bench.sh)")
     model, objective, optimizer = bench_model(order, self.shape, overrides=overrides)
-    size = self.shape["image_size"]
-    init, shardings = state_initializer(model, optimizer, self.mesh, size, objective=objective)
-    return model, objective, optimizer, init, shardings
+    return model, objective, optimizer, build(model, optimizer, objective, self.mesh,
+                                              self.shape["image_size"])
 
   def _report(self, jitted, *args) -> dict:
     if not self.target:
@@ -82,19 +78,19 @@ class Programs:
                                             compiler_options=aot.COMPILER_OPTIONS)
     return report | aot.fit_report(report, aot.device_memory(self.target))
 
+  def batch(self, rows: int | None = None) -> dict:
+    """The step's abstract batch at `rows` per device (default: the shape's)."""
+    return abstract_batch(self.mesh, (rows or self.shape["rows"]) * self.mesh.devices.size,
+                          self.shape)
+
   def compile_init(self, order: int = 3, **overrides) -> dict:
-    *_, init, _ = self._model(order, overrides)
-    return self._report(init, *abstract_inputs(self.shape["image_size"]))
+    program = self.program(order, **overrides)[-1]
+    return self._report(program.init, *program.inputs)
 
   def compile_step(self, order: int, rows: int | None = None, **overrides) -> dict:
     """The train step at `rows` per device (default: the shape's)."""
-    model, objective, optimizer, init, shardings = self._model(order, overrides)
-    size = self.shape["image_size"]
-    state = abstract_state(jax.eval_shape(init, *abstract_inputs(size)), shardings)
-    step = make_train_step(model, optimizer, objective, self.mesh, shardings)
-    batch = abstract_batch(self.mesh, (rows or self.shape["rows"]) * self.mesh.devices.size,
-                           self.shape)
-    return self._report(step, state, batch, SCHEDULE)
+    program = self.program(order, **overrides)[-1]
+    return self._report(program.step, program.abstract, self.batch(rows), SCHEDULE)
 
 
 def run(shape_name: str, *, orders=(0, 3), rows: int | None = None,
@@ -213,13 +209,11 @@ def breakdown(shape_name: str, order: int = 3) -> list[dict]:
   Parts compiled alone miss what XLA shares or fuses across them, so their
   seconds add up to about, not exactly, the whole step's."""
   programs = Programs(shape_name)
-  model, objective, optimizer, init, shardings = programs._model(order, {})
-  shape, size = programs.shape, programs.shape["image_size"]
-  state = abstract_state(jax.eval_shape(init, *abstract_inputs(size)), shardings)
-  rows = shape["rows"] * programs.mesh.devices.size
-  batch = abstract_batch(programs.mesh, rows, shape)
-  step = make_train_step(model, optimizer, objective, programs.mesh, shardings)
-  whole = step.trace(state, batch, SCHEDULE)
+  model, objective, optimizer, program = programs.program(order)
+  size = programs.shape["image_size"]
+  rows = programs.shape["rows"] * programs.mesh.devices.size
+  batch, state = programs.batch(), program.abstract
+  whole = program.step.trace(state, batch, SCHEDULE)
   by_part = equations_by_part(whole.jaxpr)
   params = state.params
   images = jax.ShapeDtypeStruct((rows, size, size, 3), jnp.float32)
@@ -241,17 +235,10 @@ def breakdown(shape_name: str, order: int = 3) -> list[dict]:
                            tie_key=key, active_order=order, list_len=objective.list_len,
                            high_order_len=objective.high_order_len))
 
-  def distill(student_image, student_text, batch):
-    side = size // vit_size(model.image_student)[3]
-    teacher = {"tokens": align_teacher_grid(batch["teacher_patches"], batch["crop"],
-                                            batch["flip"], (side, side)),
-               "cls": batch["teacher_cls"]}
-    image = distill_loss(objective.criterion, student_image, teacher, key=key)[0]
-    pool = functools.partial(masked_adaptive_avg_pool, num_segments=objective.text_slots)
-    student = {**student_text, "tokens": pool(student_text["tokens"], student_text["mask"])}
-    teacher = {"tokens": pool(batch["teacher_text_tokens"], batch["teacher_text_mask"]),
-               "cls": batch["teacher_text_pooled"]}
-    return image + distill_loss(objective.criterion, student, teacher, key=key)[0]
+  def distill(out, batch):
+    grid = (size // vit_size(model.image_student)[3],) * 2
+    return sum(distillation(objective, side, out, batch, grid, key)[0]
+               for side in ("image", "text"))
 
   def update(grads, opt_state, params):
     tx = optimizer(optim.learning_rate(SCHEDULE))
@@ -267,8 +254,8 @@ def breakdown(shape_name: str, order: int = 3) -> list[dict]:
                      (params, out["image"], out["text"], out["scale"])),
       "contrastive": (jax.jit(jax.grad(lambda u, v, s: clip_loss(u, v, s)[0], argnums=(0, 1, 2))),
                       (out["image"], out["text"], out["scale"])),
-      "distillation": (jax.jit(jax.grad(distill, argnums=(0, 1), allow_int=True)),
-                       (out["image_student"], out["text_student"], local)),
+      "distillation": (jax.jit(jax.grad(distill, allow_int=True)),
+                       ({k: out[k] for k in ("image_student", "text_student")}, local)),
       "optimiser": (jax.jit(update), (params, state.opt_state, params)),
   }
   table = []
@@ -278,7 +265,7 @@ def breakdown(shape_name: str, order: int = 3) -> list[dict]:
                   "equations_total": report["equations_total"],
                   "lower_seconds": report["lower_seconds"],
                   "compile_seconds": report["compile_seconds"]})
-  report = compilation.compile_ahead(step, state, batch, SCHEDULE)[1]
+  report = compilation.compile_ahead(program.step, state, batch, SCHEDULE)[1]
   table.append({"part": "whole step", "step_equations": sum(by_part.values()),
                 "equations_total": report["equations_total"],
                 "lower_seconds": report["lower_seconds"],

@@ -30,8 +30,7 @@ from dinorank_jax import compilation, optim, parallel
 from dinorank_jax.bench import flops
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH
 from dinorank_jax.optim import WARM_START_EPOCHS
-from dinorank_jax.step import (Objective, TrainState, abstract_inputs, make_train_step,
-                               state_initializer)
+from dinorank_jax.step import Objective, TrainProgram, TrainState, build
 from dinorank_jax.train import build_model
 
 # The paper's Table 5, "step time" (ms) by rank order.
@@ -92,14 +91,13 @@ def bench_model(order: int, shape: dict, students: str = "both", overrides: dict
   return model, objective, functools.partial(optim.adamw, weight_decay=c.optim.weight_decay)
 
 
-def random_state(model, optimizer: optim.Optimizer, mesh, image_size: int, objective: Objective, seed: int = 0):
-  """`(state, shardings)` with parameters drawn straight from the abstract
-  shapes (normal, scaled by 0.02; the values do not matter for timing), so
-  no initialiser is compiled on the device. Past the staged warm start (one
-  step per "epoch"), so every order is active."""
-  init, shardings = state_initializer(model, optimizer, mesh, image_size, seed, objective)
-  abstract = jax.eval_shape(init, *abstract_inputs(image_size)).params
-  leaves, treedef = jax.tree.flatten(abstract)
+def random_state(program: TrainProgram, optimizer: optim.Optimizer, seed: int = 0) -> TrainState:
+  """A state of `program` (`step.build`) with parameters drawn straight from
+  its abstract shapes (normal, scaled by 0.02; the values do not matter for
+  timing), so no initialiser is compiled on the device. Past the staged warm
+  start (one step per "epoch"), so every order is active."""
+  shardings = program.shardings
+  leaves, treedef = jax.tree.flatten(program.abstract.params)
 
   def draw(key):
     keys = jax.random.split(key, len(leaves))
@@ -109,7 +107,7 @@ def random_state(model, optimizer: optim.Optimizer, mesh, image_size: int, objec
   tx = optimizer(optim.learning_rate(SCHEDULE))
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   step = jax.device_put(jnp.int32(WARM_START_EPOCHS[1]), shardings.step)
-  return TrainState(step, params, opt_state, {}), shardings   # no ALIP statistics
+  return TrainState(step, params, opt_state, {})     # no ALIP statistics
 
 
 def compile_step(order: int, shape: dict, mesh, host_batch: dict, students: str = "both",
@@ -117,12 +115,11 @@ def compile_step(order: int, shape: dict, mesh, host_batch: dict, students: str 
   """`[compiled step, state, batch, model, compile report]` for one model
   (`compilation.compile_ahead`'s report)."""
   model, objective, optimizer = bench_model(order, shape, students, overrides)
-  state, shardings = random_state(model, optimizer, mesh, shape["image_size"], objective)
-  step = make_train_step(model, optimizer, objective, mesh, shardings)
+  program = build(model, optimizer, objective, mesh, shape["image_size"])
   batch = parallel.global_batch(mesh, host_batch)
-  compiled, report = compilation.compile_ahead(step, state, batch, SCHEDULE,
+  compiled, report = compilation.compile_ahead(program.step, program.abstract, batch, SCHEDULE,
                                                compiler_options=compiler_options)
-  return [compiled, state, batch, model, report]
+  return [compiled, random_state(program, optimizer), batch, model, report]
 
 
 def variant(text: str) -> tuple[dict, dict]:
