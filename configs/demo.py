@@ -26,8 +26,14 @@ def get_config(arg=None):
   c.data.threads = 2
   c.batch_size = 128
   # remat "none": the CPU has memory to spare, so nothing is recomputed.
+  # scan False: the stacks are two blocks deep, and on XLA:CPU a scanned
+  # stack's loop costs more than it saves: the order-3 step at this shape
+  # takes 347-355 ms scanned and 267-273 ms unrolled (`python -m
+  # dinorank_jax.bench --suite step --orders 0,3 --ab scan=false`,
+  # docs/performance.md). Exports hold the scanned layout either way.
   c.model.update(embed_dim=64, image_trunk="tiny/8", text_trunk="tiny",
-                 image_student="tiny/8", text_student="tiny", rank_head_dim=16, remat="none")
+                 image_student="tiny/8", text_student="tiny", rank_head_dim=16, remat="none",
+                 scan=False)
   c.objective.high_order_len = None
   c.optim.update(lr=2e-3, warmup_steps=100)
   c.checkpoint.every = 200

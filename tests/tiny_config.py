@@ -19,4 +19,5 @@ def get_config(arg):
   c.checkpoint.every = 8
   c.log_every = 1
   c.model.dtype = "float32"     # comparisons across layouts need no bf16 rounding
+  c.model.scan = True           # the trainer's default layout (the demo unrolls its shallow stacks)
   return c
