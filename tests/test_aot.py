@@ -116,6 +116,8 @@ def test_the_refusal_names_peak_limit_and_settings_that_fit():
 @pytest.mark.slow
 def test_bench_compiles_the_train_step_for_h100_with_xla_attention_and_refuses_it(
     tmp_path, capsys):
+  """Slow: one train step compiled by XLA:GPU for 8 H100s, the smallest shape that is the trainer's
+  whole step."""
   with pytest.raises(SystemExit, match="attention=cudnn cannot be compiled for a --target"):
     bench.main(["--suite", "compile", "--target", "h100", "--device", "cpu",
                 "--model", "attention=cudnn"])
@@ -139,6 +141,8 @@ def test_bench_compiles_the_train_step_for_h100_with_xla_attention_and_refuses_i
 @needs_plugin
 @pytest.mark.slow
 def test_bench_fit_writes_the_largest_rows_of_each_policy(tmp_path, capsys):
+  """Slow: the fit search compiles the train step for the H200; one policy and one order keep it to
+  one compile."""
   out = tmp_path / "fit.json"
   bench.main(["--suite", "compile", "--target", "h200", "--device", "cpu", "--fit",
               "--orders", "0", "--model", "remat=full", "--no_compilation_cache",
@@ -151,6 +155,7 @@ def test_bench_fit_writes_the_largest_rows_of_each_policy(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_trainer_refuses_a_step_over_its_budget_before_running_it(tmp_path):
+  """Slow: the refusal comes after the trainer compiles its step and the coarser remat policies'."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
   config = tiny_config(root)
   config.model.remat, config.device_memory_gib = "dots", 1e-6    # only "full" is coarser
@@ -168,7 +173,8 @@ def test_the_trainer_refuses_a_step_over_its_budget_before_running_it(tmp_path):
 @pytest.mark.slow
 def test_gpu_bench_script_runs_end_to_end_at_a_tiny_shape(tmp_path):
   """With the plugin, the measured peak has the H200's AOT prediction beside
-  it; without, `TARGET=` leaves that out and the rest still runs."""
+  it; without, `TARGET=` leaves that out and the rest still runs.
+  Slow: the script's four processes, an H200 compile among them, at 4 rows."""
   target = "h200" if aot.plugin_available() else ""
   out = tmp_path / "out"
   env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "ROWS": "4", "ORDERS": "0,3",

@@ -48,6 +48,8 @@ def test_train_step_flops_are_three_forwards_plus_similarities():
 
 @pytest.mark.slow
 def test_bench_command_runs_every_step_suite_and_writes_a_trace(tmp_path, capsys):
+  """Slow: three train steps (orders 0 and 3, CLIP) compiled and timed, as the command does, at 4
+  rows."""
   out = tmp_path / "bench.json"
   bench.main(["--suite", "step,mfu", "--orders", "0,3", "--rows", "4", "--rounds", "1",
               "--repeats", "1", "--peak_tflops", "2.0", "--profile", str(tmp_path / "trace"),
@@ -69,6 +71,8 @@ def test_bench_command_runs_every_step_suite_and_writes_a_trace(tmp_path, capsys
 
 @pytest.mark.slow
 def test_compile_suite_reports_every_program_and_scanning_shrinks_it(tmp_path, capsys):
+  """Slow: the suite's point is compiling without the cache: the initialiser, two steps and each
+  part alone."""
   out = tmp_path / "compile.json"
   bench.main(["--suite", "compile", "--no_compilation_cache", "--breakdown", "--json", str(out)])
   printed = capsys.readouterr().out

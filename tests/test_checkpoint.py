@@ -42,6 +42,8 @@ def _train(state, step, iterator, mesh, n, seen):
 
 @pytest.mark.slow
 def test_resume_gives_identical_parameters_and_batches(tmp_path):
+  """Slow: a straight run and a saved-and-restored one, each a compiled step with the data
+  pipeline."""
   data, mesh = _dataset(tmp_path), parallel.make_mesh()
   straight_batches, resumed_batches = [], []
   state, step, iterator = _trainer(data, mesh)

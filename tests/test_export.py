@@ -26,6 +26,7 @@ CAPTIONS = ["a large red circle", "two shapes: a small blue square and a cross",
 
 @pytest.mark.slow
 def test_export_round_trip_equals_the_trained_model(tmp_path, caplog):
+  """Slow: a tiny run is trained (a compiled step) so that its export can be compared with it."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64, num_eval=32)
   workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
   config = tiny_config(root)

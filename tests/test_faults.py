@@ -96,6 +96,7 @@ def _largest_file(directory: str) -> str:
 
 @pytest.mark.slow
 def test_resume_falls_back_refuses_changed_fields_and_keeps_every_config(tmp_path, caplog):
+  """Slow: six starts of the trainer on one workdir; each damage needs checkpoints a run wrote."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64, num_eval=32)
   work = str(tmp_path / "run")
   config = tiny_config(root)
@@ -144,7 +145,8 @@ def test_missing_checkpoint_metadata_falls_back_and_no_restore_is_one_quiet_line
   """From the command line: a latest checkpoint without `state/_METADATA` is
   damage like any other (the one before is used); when none restores, the
   one line is all that is said — none of the `Event loop is closed`
-  tracebacks that tensorstore's late reads print after a failed restore."""
+  tracebacks that tensorstore's late reads print after a failed restore.
+  Slow: three launches of the trainer from the command line."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64, num_eval=32)
   run = ["dinorank_jax.main", f"--config=tests/tiny_config.py:{root}",
          f"--workdir={tmp_path / 'run'}", "--config.data.eval_path="]

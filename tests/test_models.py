@@ -27,6 +27,8 @@ def _abstract_count(module, *shapes):
 
 @pytest.mark.slow
 def test_full_model_shapes_and_bf16_compute_with_float32_params():
+  """Slow: the tiny model with every part on, initialised and applied eagerly (op by op, each op
+  its own small program), as a user's first call runs."""
   model = tiny_model()
   variables = model.init(jax.random.key(0), _images(), tokens([3, 5, 0, 70]))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))

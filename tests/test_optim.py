@@ -86,6 +86,8 @@ def _setup(order=3):
 
 @pytest.mark.slow
 def test_decay_mask_and_order_tags():
+  """Slow: the masks are read off a real parameter tree: the tiny order-3 model, initialised
+  eagerly (op by op, each op its own small program)."""
   _, variables, _, _ = _setup()
   params = variables["params"]
   mask, tags = optim.decay_mask(params), optim.order_tags(params)
@@ -99,6 +101,7 @@ def test_decay_mask_and_order_tags():
 
 @pytest.mark.slow
 def test_staged_warm_start_freezes_exactly_without_recompiling():
+  """Slow: steps across the warm start's stages, through one compiled order-3 step."""
   model, variables, images, toks = _setup()
   schedule = _schedule(steps_per_epoch=2, epochs=20, peak_lr=1e-2, warmup_steps=2)
   tx = optim.adamw(optim.learning_rate(schedule))    # order 2 from step 6, order 3 from step 12

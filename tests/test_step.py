@@ -58,6 +58,8 @@ def _run(mesh, objective, steps=2, optimizer=optim.adamw, host=None, compiler_op
 
 @pytest.mark.slow
 def test_sharded_step_equals_one_device():
+  """Slow: two steps compiled at the trainer's optimisation level (tests/xla_options.py), on 8
+  devices and on 1."""
   # RKD is defined across each shard's own rows, so it is off for this comparison.
   objective = Objective(beta=0.0, high_order_len=None)
   eight = parallel.make_mesh()
@@ -84,6 +86,7 @@ def _assert_params_close(params, expected):
 
 @pytest.mark.slow
 def test_full_objective_trains_without_recompiling():
+  """Slow: the whole order-3 objective, compiled once and run three steps."""
   state, history, step = _run(parallel.make_mesh(), Objective(), steps=3, rank_order=3)
   assert step._cache_size() == 1 and int(state.step) == 3
   for metrics in history:
@@ -96,6 +99,7 @@ def test_full_objective_trains_without_recompiling():
 
 @pytest.mark.slow
 def test_objective_assembles_equation_4():
+  """Slow: the step on one device plus the model's forward pass, each compiled, to rebuild eq. 4."""
   from dinorank_jax.losses.distill import align_teacher_grid
   from dinorank_jax.losses.distill import gram_loss
   from dinorank_jax.models.vit import normalise_images
@@ -126,6 +130,8 @@ def test_objective_assembles_equation_4():
 
 @pytest.mark.slow
 def test_fsdp_step_equals_data_parallel_step():
+  """Slow: two steps compiled at the trainer's optimisation level, on an FSDP mesh and on a
+  data-parallel one."""
   objective = Objective(beta=0.0, high_order_len=None)
   fsdp, _, _ = _run(parallel.make_mesh(fsdp=4), objective, optimizer=sgd(1.0),
                     compiler_options=TRAINER)
@@ -138,6 +144,7 @@ def test_fsdp_step_equals_data_parallel_step():
 
 @pytest.mark.slow
 def test_nonfinite_step_is_skipped_when_asked():
+  """Slow: skipping is part of the compiled step, so both settings compile a step."""
   mesh = parallel.make_mesh()
   model = tiny_model(dtype=jnp.float32)
   host = _batch()
@@ -169,6 +176,7 @@ def test_cyclip_objective_adds_both_regularisers():
 
 @pytest.mark.slow
 def test_alip_objective_trains_both_paths_and_carries_its_momenta():
+  """Slow: ALIP's step and plain CLIP's, each compiled, compared on the same batch."""
   from dinorank_jax.losses.alip import consistency_gates
   from dinorank_jax.losses.contrastive import clip_loss
   from dinorank_jax.models import DinoRankCLIP
@@ -221,7 +229,8 @@ def test_accumulated_step_equals_the_whole_batch_step(students):
   """`accum_steps=4` (micro-batches of B/4) gives the batch-B step: the same
   loss terms and parameters (float32, 1e-5), with every negative kept.
   Captions are distinct: RKD's distance of two identical captions is zero,
-  where its gradient is a subgradient that float rounding can flip."""
+  where its gradient is a subgradient that float rounding can flip.
+  Slow: accumulation is part of the compiled step, so both settings compile one."""
   objective = Objective(high_order_len=None)
   mesh = parallel.make_mesh()
   host = _batch(b=32)

@@ -211,6 +211,8 @@ def test_a_checkpoint_of_another_layout_is_refused_in_one_line():
 
 @pytest.mark.slow
 def test_resuming_an_unrolled_run_with_scanned_stacks_names_the_flag(tmp_path):
+  """Slow: the unrolled layout is a program no other test compiles; it trains, is refused, then
+  resumes."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64, num_eval=32)
   config = tiny_config(root)
   config.epochs, config.data.eval_path = 1, ""           # 2 steps

@@ -107,6 +107,7 @@ def test_r3_without_data_names_the_flag(tmp_path):
 
 @pytest.mark.slow
 def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypatch):
+  """Slow: the whole loop, from data to held-out evaluation, run twice on one workdir."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=128)
   workdir = str(tmp_path / "run")
   config = tiny_config(root)
@@ -151,6 +152,7 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_nonfinite_loss_stops_naming_step_terms_and_checkpoint(tmp_path):
+  """Slow: four starts of the trainer; skipping non-finite updates is a program of its own."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
   workdir = str(tmp_path / "run")
   config = tiny_config(root)
@@ -175,6 +177,7 @@ def test_resuming_with_more_epochs_reads_the_step_from_the_cache(tmp_path):
   # The schedule is an argument of the step, not a constant of it: a finished
   # run resumed with more epochs, another warm-up and learning rate compiles
   # nothing new (a cache of its own, so no other test's program can answer).
+  """Slow: two starts with a cache of their own, so the first compiles cold."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
   workdir = str(tmp_path / "run")
   config = tiny_config(root)
@@ -205,6 +208,8 @@ def _wait_for(predicate, proc, timeout=400):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
+  """Slow: four launches of the trainer; 48 steps leave room to kill after a checkpoint and stop
+  before the end."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=128)
   flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=12",      # 48 steps
            "--config.checkpoint.every=16", "--config.data.eval_path=")
@@ -240,7 +245,8 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
 def test_two_processes_of_four_devices_equal_one_of_eight_and_resume_on_any_count(tmp_path):
   """2 × 4 devices against 1 × 8, step for step; then the 2 × 4 run resumed
   from its step-6 checkpoint on 1 × 8, and from step 8 on 4 × 2, continues
-  the same global batches: every step equals the straight 1 × 8 run."""
+  the same global batches: every step equals the straight 1 × 8 run.
+  Slow: four launches, three of them multi-process, at the trainer's optimisation level."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
   flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=5",   # 10 steps
            "--config.checkpoint.every=2")
@@ -313,7 +319,8 @@ def test_a_killed_process_ends_the_job_in_seconds_naming_the_checkpoint(tmp_path
   """kill -9 of one process: the other stops within 30 s with one line naming
   the lost process and the last complete checkpoint, instead of waiting on
   the coordination service's 100 s and aborting with a C++ stack; the job
-  resumes from that checkpoint."""
+  resumes from that checkpoint.
+  Slow: two two-process jobs; the first must outlive a checkpoint before one process is killed."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)    # 2 steps an epoch
   flags = ("--config=tests/tiny_config.py:" + root, "--config.checkpoint.every=4",
            "--config.data.eval_path=")

@@ -42,7 +42,8 @@ def clip_checkpoint(tmp_path_factory):
 def test_a_run_starts_from_clip_trunks_and_hands_them_back(clip_checkpoint, tmp_path, caplog):
   """Import, train (students and order-3 heads fresh), export to open_clip and
   transformers: at a learning rate of 1e-12 the trunks are still the
-  checkpoint's, so both libraries embed as the checkpoint did."""
+  checkpoint's, so both libraries embed as the checkpoint did.
+  Slow: a CLIP checkpoint is converted, trained from and exported back."""
   theirs, _, imported = clip_checkpoint
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64, num_eval=32)
   config = tiny_config(root)
