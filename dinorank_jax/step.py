@@ -120,10 +120,10 @@ def _local_losses(objective, model, params, out, batch, scale, key, active, stat
                                          weights=weights["caption"])
     metrics.update(alip_metrics)
   shard = jax.lax.axis_index(BATCH)
-  for side, key in (("image", image_key), ("text", text_key)):
+  for side, side_key in (("image", image_key), ("text", text_key)):
     if f"{side}_student" in out:
       terms[f"distill_{side}"], m = distillation(objective, side, out, batch, student_grid,
-                                                 jax.random.fold_in(key, shard))
+                                                 jax.random.fold_in(side_key, shard))
       metrics.update({f"{side}_{k}": x for k, x in m.items()})
   gates = [out[g] for g in ("image_gate", "text_gate") if g in out]
   if gates:

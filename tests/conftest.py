@@ -44,8 +44,8 @@ def pytest_collection_modifyitems(config, items):
   for k in range(workers):            # worksteal's block sizes: remaining // workers left
     size = remaining // (workers - k)
     block = slow[k::workers]
-    block += fast[:max(0, size - len(block))]
-    del fast[:max(0, size - len(slow[k::workers]))]
-    ordered += block
+    take = max(0, size - len(block))
+    ordered += block + fast[:take]
+    del fast[:take]
     remaining -= size
   items[:] = ordered + fast
