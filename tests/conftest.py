@@ -1,6 +1,7 @@
 """Tests run JAX on the CPU with 8 virtual devices, so sharded paths run, and
 compile with `tests/xla_options.py`'s `FAST_COMPILE` (XLA:CPU's backend at
-optimisation level 0), inherited by every process a test starts.
+optimisation level 0, its loop emitters, one LLVM module), inherited by every
+process a test starts.
 
 One persistent compilation cache serves the whole run: the controller makes
 it and every xdist worker and every subprocess a test starts inherits it
@@ -17,7 +18,7 @@ import tempfile
 
 from tests.xla_options import FAST_COMPILE
 
-for _flag in ("--xla_force_host_platform_device_count=8", FAST_COMPILE):
+for _flag in ("--xla_force_host_platform_device_count=8", *FAST_COMPILE):
   if _flag not in os.environ.get("XLA_FLAGS", "").split():
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
