@@ -144,7 +144,7 @@ class PeerWatch:
     this one); returns when none is lost. For the main thread after a
     runtime error in a collective or barrier: gloo fails at once when a peer
     dies ("Connection reset by peer"), before the watch has seen the silence."""
-    time.sleep(self.timeout + 3 * _BEAT_SECONDS)
+    time.sleep(self.timeout + 8 * _BEAT_SECONDS)    # room for a watch slowed by a busy host
 
   def finish(self):
     """Marks this process done (the others stop watching it) and stops the thread."""
