@@ -272,6 +272,31 @@ def test_pca_reconstructs_a_rank_256_signal_exactly():
   np.testing.assert_allclose(rebuilt, signal, atol=1e-8)
 
 
+def test_teacher_text_features_do_not_depend_on_the_batch_or_its_padding():
+  """Captions encoded in length-sorted batches padded to their longest equal
+  each caption encoded alone at the full length: the same states where the
+  mask is set (to float32 rounding of the other matmul shapes), zeros after,
+  the masked mean as the pooled vector, in the captions' order."""
+  import torch
+  from dinorank_jax.teacher import export
+  model, tokenizer, _ = export.load_text_teacher(export.MINILM)
+  captions = ["a red square", "a small blue circle on a striped green background, seen from far",
+              "dots", "a yellow triangle beside a purple star", "", "a cat"]
+  tokens, mask, pooled = export.text_features(model, tokenizer, captions, 16, 2, "cpu")
+  assert tokens.shape == (6, 16, 384) and mask.shape == (6, 16) and pooled.shape == (6, 384)
+  for i, caption in enumerate(captions):
+    enc = tokenizer([caption], padding="max_length", truncation=True, max_length=16,
+                    return_tensors="pt")
+    with torch.no_grad():
+      alone = model(**enc).last_hidden_state[0].numpy()
+    valid = enc["attention_mask"][0].numpy().astype(bool)
+    np.testing.assert_array_equal(mask[i], valid)
+    # Six layers of float32 at states of order 1: 1e-5 is a few hundred ulps.
+    np.testing.assert_allclose(tokens[i][valid], alone[valid], rtol=1e-4, atol=1e-5)
+    assert not tokens[i][~valid].any()
+    np.testing.assert_allclose(pooled[i], alone[valid].mean(0), rtol=1e-4, atol=1e-5)
+
+
 def test_teacher_export_on_the_tiny_teacher(tmp_path):
   from dinorank_jax.teacher import export
   directory = _synthetic(tmp_path, num=24)
