@@ -142,7 +142,7 @@ def text_features(model, tokenizer, captions, length, batch_size, device):
   The captions are encoded in batches of similar token counts, each padded
   only to its longest caption: the encoder's attention masks padding out, so
   a caption's states do not depend on its batch, and no batch pays for
-  padding to `length` (synthetic and CC3M captions take about half of 32)."""
+  padding to `length` (the demo's captions average 16 tokens of 32)."""
   counts = [len(ids) for ids in tokenizer(captions, truncation=True, max_length=length)["input_ids"]]
   width = model.config.hidden_size
   tokens = np.zeros((len(captions), length, width), np.float32)
