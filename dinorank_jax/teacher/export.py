@@ -143,7 +143,8 @@ def text_features(model, tokenizer, captions, length, batch_size, device):
   only to its longest caption: the encoder's attention masks padding out, so
   a caption's states do not depend on its batch, and no batch pays for
   padding to `length` (the demo's captions average 16 tokens of 32)."""
-  counts = [len(ids) for ids in tokenizer(captions, truncation=True, max_length=length)["input_ids"]]
+  ids = tokenizer(captions, truncation=True, max_length=length)["input_ids"]
+  counts = [len(caption) for caption in ids]
   width = model.config.hidden_size
   tokens = np.zeros((len(captions), length, width), np.float32)
   mask = np.zeros((len(captions), length), bool)
