@@ -177,3 +177,5 @@ def test_order_ratios_are_to_order_0_and_judged_against_the_paper():
   assert rows["order 3"]["ratio"] == 1.3 and not rows["order 3"]["met"]     # paper: 1.26
   assert rows["order 5"]["ratio"] == 1.4 and rows["order 5"]["met"]         # paper: 1.48
   assert "ratio" not in table[1]                                            # a copy
+  # `--orders 3` alone: the rows stand, without ratios.
+  assert step.add_order_ratios(table[1:]) == table[1:]

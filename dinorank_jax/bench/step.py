@@ -224,9 +224,12 @@ MFU_MODELS = {"CLIP": (0, "none"), "order 3": (3, "both")}
 
 def add_order_ratios(table) -> list[dict]:
   """Each `order r` row's time as a ratio to order 0's, next to the paper's;
-  it meets the target when it is at most the paper's ratio."""
+  it meets the target when it is at most the paper's ratio. Without an order
+  0 row (`--orders 3`) the rows have no ratios."""
   table = [dict(r) for r in table]
   rows = {r["model"]: r for r in table}
+  if "order 0" not in rows:
+    return table
   base = rows["order 0"]["ms"]
   for order, paper in PAPER_MS.items():
     if f"order {order}" in rows:
