@@ -282,7 +282,7 @@ def test_two_processes_of_four_devices_equal_one_of_eight_and_resume_on_any_coun
 
   # Checkpoint 1 was written by 2 processes, checkpoint 2 (after the first
   # resume) by 1.
-  for keep, processes, devices in ((1, 1, 8), (2, 2, 4)):
+  for keep, writers, processes, devices in ((1, 2, 1, 8), (2, 1, 2, 4)):
     for step in os.listdir(os.path.join(multi, "checkpoints")):
       if int(step) > keep:
         shutil.rmtree(os.path.join(multi, "checkpoints", step))
@@ -295,7 +295,7 @@ def test_two_processes_of_four_devices_equal_one_of_eight_and_resume_on_any_coun
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
       out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert (f"checkpoint {keep} holds the data positions of {3 - processes} processes; "
+    assert (f"checkpoint {keep} holds the data positions of {writers} processes; "
             f"resumed on {processes} at global batch {keep}") in out
     rows = _metrics(multi)
     resumed = rows[max(i for i, m in enumerate(rows) if "compile/equations" in m) + 1:]

@@ -223,14 +223,15 @@ def export(args) -> dict:
     tokens, mask, pooled = text_features(text_model, text_tok,
                                          [record["caption"] for _, record, _ in good],
                                          args.text_length, args.batch_size, device)
-    for start, batch in zip(range(0, len(good), args.batch_size),
-                            _batches(good, args.batch_size)):
+    for start in range(0, len(good), args.batch_size):
+      batch = good[start:start + args.batch_size]
       cls, patches = image_features(image_model, [image for _, _, image in batch], prep, device)
       reduced = project(patches, pca["mean"], pca["components"])
-      for i, (position, record, _) in enumerate(batch, start):
+      for j, (position, record, _) in enumerate(batch):
+        i = start + j                     # the record's row of the shard's text features
         out[position] = {
-            "key": record["key"], "teacher_cls": cls[i - start].astype(np.float16),
-            "teacher_patches": reduced[i - start].astype(np.float16),
+            "key": record["key"], "teacher_cls": cls[j].astype(np.float16),
+            "teacher_patches": reduced[j].astype(np.float16),
             "teacher_text_tokens": tokens[i].astype(np.float16),
             "teacher_text_mask": mask[i], "teacher_text_pooled": pooled[i].astype(np.float16)}
     records.write_shard(args.out, index, out, {})
