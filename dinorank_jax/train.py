@@ -373,6 +373,7 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
   preempted = {"stop": False}
   previous = signal.signal(signal.SIGTERM, _on_sigterm(preempted))
   peers = parallel.watch_peers(os.path.join(workdir, "checkpoints"))
+  send_buffers = parallel.widen_gloo_send_buffers()
   start = int(state.step)
   progress = None
   skipped, eval_metrics = np.zeros(len(records.SKIP_REASONS), np.int64), {}
@@ -429,6 +430,8 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
     checkpointer.close()
     writer.close()
     signal.signal(signal.SIGTERM, previous)
+    if send_buffers is not None:
+      send_buffers.stop()
   if peers is not None:         # not after an error: the others should see this process go
     peers.finish()
   return eval_metrics

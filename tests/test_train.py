@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dinorank_jax import compilation, train
+from dinorank_jax import compilation, parallel, train
 from dinorank_jax.config import default_compilation_cache
 from dinorank_jax.data import records
 from dinorank_jax.losses.distill import CRITERIA
@@ -251,9 +251,8 @@ def test_two_processes_of_four_devices_equal_one_of_eight_and_resume_on_any_coun
   resumed from its step 2 on 2 × 4 again, continues the same global batches
   (the data positions of 2 processes made global for 1, and of 1 divided
   among 2): every step equals the straight 1 × 8 run.
-  Slow: two launches of two processes, at the trainer's optimisation level; gloo's
-  collectives among more than two devices cost about 12 s a step on 2 cores, so they
-  take 3 steps and 1, and the second reads the first's step from the cache."""
+  Slow: four launches of the trainer at its optimisation level (two of them of two
+  processes, the second reading the first's step from the cache)."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=96)
   # 3 steps, a checkpoint after each; the learning rate is at its peak from step 2.
   flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=1",
@@ -274,6 +273,9 @@ def test_two_processes_of_four_devices_equal_one_of_eight_and_resume_on_any_coun
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
   one, two = _metrics(single), _metrics(multi)
   assert [m["step"] for m in one] == [m["step"] for m in two]
+  # 12 s a step, the cores idle, when gloo's send buffers stay narrow
+  # (`parallel.GlooSendBuffers`); 1-2 s when they are widened.
+  assert max(m["step_seconds"] for m in two if "step_seconds" in m) < 8
   _assert_same_steps(one, two)
   # Adam turns float noise in near-zero gradients into steps of up to lr (2e-3)
   # over the 2 updates; 1e-4 is far below what a missed cross-process reduction gives.
@@ -359,6 +361,28 @@ def test_a_killed_process_ends_the_job_in_seconds_naming_the_checkpoint(tmp_path
   outs = [proc.communicate(timeout=600)[0] for proc in job]
   assert [proc.returncode for proc in job] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
   assert f"resumed from step {step}" in outs[0]
+
+
+def test_narrow_send_buffers_are_widened_and_the_connection_still_carries_data():
+  """Gloo narrows a connection's send buffer to its first small message, as
+  here; `widen_send_buffers` finds every narrower TCP socket of the process
+  and gives it `SEND_BUFFER_BYTES` (Linux reports twice what is set)."""
+  with socket.create_server(("localhost", 0)) as server:
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    with client, peer:
+      client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2096)
+      assert client.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < parallel.SEND_BUFFER_BYTES
+      assert parallel.widen_send_buffers() >= 1
+      for sock in (client, peer):
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= parallel.SEND_BUFFER_BYTES
+      message = os.urandom(1 << 20)
+      client.sendall(message)         # fits the widened buffer: returns before any read
+      received = bytearray()
+      while len(received) < len(message):
+        received += peer.recv(1 << 20)
+      assert received == message
+  assert parallel.widen_gloo_send_buffers() is None     # one process, no gloo
 
 
 def test_multiprocess_launcher_returns_a_failed_process_status():
