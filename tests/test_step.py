@@ -57,22 +57,27 @@ def _run(mesh, objective, steps=2, optimizer=optim.adamw, host=None, compiler_op
 
 
 @pytest.mark.slow
-def test_sharded_step_equals_one_device():
-  """Slow: two steps compiled at the trainer's optimisation level (tests/xla_options.py), on 8
-  devices and on 1."""
+def test_data_parallel_step_equals_one_device_and_fsdp():
+  """The step on 8 devices against the same step on 1 and on an FSDP mesh of
+  2 × 4, from the same state and batch.
+  Slow: three steps compiled at the trainer's optimisation level (tests/xla_options.py); the
+  8-device one serves both comparisons."""
   # RKD is defined across each shard's own rows, so it is off for this comparison.
   objective = Objective(beta=0.0, high_order_len=None)
-  eight = parallel.make_mesh()
-  one = parallel.make_mesh(jax.devices()[:1])
   # Plain SGD, so parameters differ exactly by the gradients' differences
   # (Adam would turn float noise in near-zero gradients into lr-sized steps);
   # the trainer's XLA options, for which the bounds below are derived.
-  s8, m8, _ = _run(eight, objective, optimizer=sgd(1.0), compiler_options=TRAINER)
-  s1, m1, _ = _run(one, objective, optimizer=sgd(1.0), compiler_options=TRAINER)
+  run = lambda mesh: _run(mesh, objective, optimizer=sgd(1.0), compiler_options=TRAINER)
+  s8, m8, _ = run(parallel.make_mesh())
+  s1, m1, _ = run(parallel.make_mesh(jax.devices()[:1]))
   for a, b in zip(m8, m1):
     for k in ("loss", "clip", "rank_cross", "rank_in", "distill_image", "distill_text"):
       np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
   _assert_params_close(s8.params, s1.params)
+  fsdp, _, _ = run(parallel.make_mesh(fsdp=4))
+  sharded = [x for x in jax.tree.leaves(fsdp.params) if parallel.FSDP in x.sharding.spec]
+  assert len(sharded) > 10                                   # parameters are split over fsdp
+  _assert_params_close(fsdp.params, s8.params)
 
 
 def _assert_params_close(params, expected):
@@ -126,20 +131,6 @@ def test_objective_assembles_equation_4():
                              gram_loss(out["image_student"]["tokens"], teacher), rtol=1e-5)
   gates = jnp.stack([jnp.mean(out["image_gate"] ** 2), jnp.mean(out["text_gate"] ** 2)])
   np.testing.assert_allclose(m["fusion_gate"], jnp.mean(gates), rtol=1e-5)
-
-
-@pytest.mark.slow
-def test_fsdp_step_equals_data_parallel_step():
-  """Slow: two steps compiled at the trainer's optimisation level, on an FSDP mesh and on a
-  data-parallel one."""
-  objective = Objective(beta=0.0, high_order_len=None)
-  fsdp, _, _ = _run(parallel.make_mesh(fsdp=4), objective, optimizer=sgd(1.0),
-                    compiler_options=TRAINER)
-  plain, _, _ = _run(parallel.make_mesh(), objective, optimizer=sgd(1.0),
-                     compiler_options=TRAINER)
-  sharded = [x for x in jax.tree.leaves(fsdp.params) if parallel.FSDP in x.sharding.spec]
-  assert len(sharded) > 10                                   # parameters are split over fsdp
-  _assert_params_close(fsdp.params, plain.params)
 
 
 @pytest.mark.slow

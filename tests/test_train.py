@@ -273,9 +273,10 @@ def test_two_processes_of_four_devices_equal_one_of_eight_and_resume_on_any_coun
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
   one, two = _metrics(single), _metrics(multi)
   assert [m["step"] for m in one] == [m["step"] for m in two]
-  # 12 s a step, the cores idle, when gloo's send buffers stay narrow
-  # (`parallel.GlooSendBuffers`); 1-2 s when they are widened.
-  assert max(m["step_seconds"] for m in two if "step_seconds" in m) < 8
+  # Gloo's narrow send buffers (`parallel.GlooSendBuffers`) hold every step to
+  # 12 s or more, waiting with the cores idle, so load cannot hide them; widened,
+  # the steps after the first take 1-3 s alone and 2-7 s beside the suite.
+  assert min(m["step_seconds"] for m in two if "step_seconds" in m and m["step"] > 1) < 9
   _assert_same_steps(one, two)
   # Adam turns float noise in near-zero gradients into steps of up to lr (2e-3)
   # over the 2 updates; 1e-4 is far below what a missed cross-process reduction gives.
