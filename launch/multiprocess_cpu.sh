@@ -2,9 +2,8 @@
 # N processes on this machine, D virtual CPU devices each, joined by
 # jax.distributed over localhost with gloo collectives: the multi-host code
 # paths without a cluster (tests/test_train.py runs 2 × 4 against 1 × 8).
-# For trying those paths, not for training: with more than two devices in
-# all, gloo's collectives hold the tiny test config's step to about 12 s on
-# 2 cores (docs/training.md § Multi-host).
+# For trying those paths, not for training: the tiny test config's step on
+# 2 × 4 devices takes 1-2 s on 2 cores (docs/training.md § Multi-host).
 #
 #   launch/multiprocess_cpu.sh N D [dinorank_jax.main flags]
 #   launch/multiprocess_cpu.sh 2 4 --config configs/demo.py --workdir runs/demo-2x4
