@@ -2,6 +2,7 @@
 
 
 import jax
+import orbax.checkpoint as ocp
 import numpy as np
 import pytest
 
@@ -83,3 +84,30 @@ def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
   assert leaf.sharding.mesh.devices.size == 4
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_cpu_save_compiles_nothing_and_restores_every_replicated_array(tmp_path):
+  """On CPUs each array is saved whole from one replica: orbax's
+  replica-parallel saving would compile a slicing program per shape in every
+  process (`checkpoint.whole_replicas_on_cpu`)."""
+  import jax.monitoring
+  mesh = parallel.make_mesh()
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rng = np.random.default_rng(0)
+  state = {f"w{n}": jax.device_put(rng.normal(size=(n, 3 * n)).astype(np.float32), replicated)
+           for n in (8, 16, 24, 40)}
+  compiles = []
+  listen = lambda event, seconds, **_: compiles.append(event) if event.endswith(
+      "backend_compile_duration") else None
+  saver = Checkpointer(str(tmp_path / "run"), save_every=1)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    saver.save(1, state, {"position": 1})
+    saver.wait()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert compiles == []
+  restored = saver.manager.restore(1, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(state)))["state"]
+  for key, value in state.items():
+    np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value))
