@@ -183,8 +183,6 @@ def watch_peers(checkpoints: str) -> PeerWatch | None:
   return PeerWatch(distributed.global_state.client, checkpoints)
 
 
-
-
 SEND_BUFFER_BYTES = 4 << 20
 
 
