@@ -140,7 +140,7 @@ class PeerWatch:
 
   def _lost(self, who: str):
     stop_job(f"{who} of the job's {self.count} stopped answering for {self.timeout:.0f} s",
-             self.checkpoints)
+             self.checkpoints, self.me)
 
   def verdict(self) -> None:
     """Waits long enough for the watch to notice a lost process (it then ends
@@ -159,17 +159,21 @@ class PeerWatch:
       pass
 
 
-def stop_job(what: str, checkpoints: str) -> None:
-  """Ends this process at once with one line: `what` happened to another
-  process, and the last complete checkpoint under `checkpoints` to resume
-  from (a step directory orbax has committed; one being written has a
-  temporary name)."""
+def stop_job(what: str, checkpoints: str, me: int) -> None:
+  """Ends this process, number `me` of the job, at once with one line: `what`
+  happened to another process, and the last complete checkpoint under
+  `checkpoints` to resume from (a step directory orbax has committed; one
+  being written has a temporary name).
+
+  It calls nothing in JAX: the main thread may be exiting already, and
+  JAX's exit handler has then dropped the backend, which a call such as
+  `jax.process_index()` would start again, waiting on the dead process."""
   steps = [int(n) for n in os.listdir(checkpoints) if n.isdigit()] if os.path.isdir(
       checkpoints) else []
   resume = (f"start the job again to resume from checkpoint {max(steps)} in {checkpoints}"
             if steps else "no checkpoint was written yet: start the job again")
   # Starts a line of its own: the progress bar leaves the cursor mid-line.
-  sys.stderr.write(f"\nerror: {what} (killed, or its host lost): process {jax.process_index()} "
+  sys.stderr.write(f"\nerror: {what} (killed, or its host lost): process {me} "
                    f"stops too; {resume}\n")
   sys.stderr.flush()
   os._exit(1)

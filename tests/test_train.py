@@ -364,6 +364,51 @@ def test_a_killed_process_ends_the_job_in_seconds_naming_the_checkpoint(tmp_path
   assert f"resumed from step {step}" in outs[0]
 
 
+_LOST_PEER = """
+import os, sys, time
+import jax
+from jax._src import distributed
+from dinorank_jax import parallel
+me, port, checkpoints = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"localhost:{port}", 2, me)
+jax.devices()
+parallel.PeerWatch(distributed.global_state.client, checkpoints, timeout=3)
+if me == 1:
+  time.sleep(2)
+  os._exit(9)
+sys.exit("error: the main thread ends first")
+"""
+
+
+def test_a_lost_peer_is_named_even_after_the_main_thread_has_ended(tmp_path):
+  """The main thread of a process may end (an error of its own) before the
+  watch sees that another process is gone. JAX's exit handler then drops the
+  backend and waits on the dead process (100 s, then an abort): the watch
+  must still say which process was lost and end this one, without starting
+  JAX again."""
+  os.makedirs(tmp_path / "checkpoints" / "8")
+  with socket.socket() as free:
+    free.bind(("localhost", 0))
+    port = str(free.getsockname()[1])
+  env = {**ENV, "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen([sys.executable, "-c", _LOST_PEER, str(i), port,
+                             str(tmp_path / "checkpoints")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  started = time.monotonic()
+  try:
+    out = procs[0].communicate(timeout=60)[0]
+  finally:
+    for proc in procs:
+      proc.kill()
+      proc.communicate()
+  assert procs[0].returncode == 1 and time.monotonic() - started < 40, out[-3000:]
+  assert out.strip().splitlines()[-1] == (
+      "error: process 1 of the job's 2 stopped answering for 3 s (killed, or its host lost): "
+      f"process 0 stops too; start the job again to resume from checkpoint 8 in "
+      f"{tmp_path / 'checkpoints'}"), out[-3000:]
+
+
 def test_narrow_send_buffers_are_widened_and_the_connection_still_carries_data():
   """Gloo narrows a connection's send buffer to its first small message, as
   here; `widen_send_buffers` finds every narrower TCP socket of the process
