@@ -102,10 +102,12 @@ def test_sharded_equals_unsharded_and_weights_carry_no_gradient():
   sharded = jax.shard_map(lambda v, t, c, m: _alip_loss(v, t, c, m, parallel.BATCH),
                           mesh=mesh, in_specs=(rows, rows, rows, P()),
                           out_specs=(P(), ({"text": rows, "caption": rows}, P(), P())))
-  (value, (weights, new, _)), grads = jax.value_and_grad(sharded, argnums=(0, 1, 2),
-                                                         has_aux=True)(v, t, c, momenta)
-  (expected, (expected_weights, expected_new, _)), expected_grads = jax.value_and_grad(
-      _alip_loss, argnums=(0, 1, 2), has_aux=True)(v, t, c, momenta)
+  # Jitted, as the train step runs them (eagerly, each operation of the two
+  # gradients compiles on its own: 20 s of the test).
+  (value, (weights, new, _)), grads = jax.jit(jax.value_and_grad(
+      sharded, argnums=(0, 1, 2), has_aux=True))(v, t, c, momenta)
+  (expected, (expected_weights, expected_new, _)), expected_grads = jax.jit(jax.value_and_grad(
+      _alip_loss, argnums=(0, 1, 2), has_aux=True))(v, t, c, momenta)
   np.testing.assert_allclose(value, expected, rtol=1e-5)
   np.testing.assert_allclose(new, expected_new, rtol=1e-6)
   np.testing.assert_allclose(weights["text"], expected_weights["text"], rtol=1e-5)

@@ -40,13 +40,16 @@ def sgd(rate):
 
 
 def _run(mesh, objective, steps=2, optimizer=optim.adamw, host=None, compiler_options=None,
-         **model_kw):
+         initial=None, **model_kw):
   """`(state, metrics of each step, step)`; the step compiled with XLA's
-  `compiler_options` when given (`tests/xla_options.py`)."""
+  `compiler_options` when given (`tests/xla_options.py`), and started from
+  the host state `initial` when given (else initialised on `mesh`)."""
   model = tiny_model(dtype=jnp.float32, **model_kw)
   host = host or _batch()
   program = build(model, optimizer, objective, mesh, host["image"].shape[1])
-  state, step = program.new_state(), program.step
+  state = (program.new_state() if initial is None else
+           jax.device_put(initial, program.shardings))
+  step = program.step
   batch = parallel.global_batch(mesh, host)
   run = step.lower(state, batch, SCHEDULE).compile(compiler_options) if compiler_options else step
   history = []
@@ -61,14 +64,18 @@ def test_data_parallel_step_equals_one_device_and_fsdp():
   """The step on 8 devices against the same step on 1 and on an FSDP mesh of
   2 × 4, from the same state and batch.
   Slow: three steps compiled at the trainer's optimisation level (tests/xla_options.py); the
-  8-device one serves both comparisons."""
+  8-device one serves both comparisons. The state is initialised once and placed on each mesh."""
   # RKD is defined across each shard's own rows, so it is off for this comparison.
   objective = Objective(beta=0.0, high_order_len=None)
+  mesh = parallel.make_mesh()
+  initial = jax.device_get(build(tiny_model(dtype=jnp.float32), sgd(1.0), objective, mesh,
+                                 IMAGE).new_state())
   # Plain SGD, so parameters differ exactly by the gradients' differences
   # (Adam would turn float noise in near-zero gradients into lr-sized steps);
   # the trainer's XLA options, for which the bounds below are derived.
-  run = lambda mesh: _run(mesh, objective, optimizer=sgd(1.0), compiler_options=TRAINER)
-  s8, m8, _ = run(parallel.make_mesh())
+  run = lambda mesh: _run(mesh, objective, optimizer=sgd(1.0), compiler_options=TRAINER,
+                          initial=initial)
+  s8, m8, _ = run(mesh)
   s1, m1, _ = run(parallel.make_mesh(jax.devices()[:1]))
   for a, b in zip(m8, m1):
     for k in ("loss", "clip", "rank_cross", "rank_in", "distill_image", "distill_text"):

@@ -209,11 +209,11 @@ def _wait_for(predicate, proc, timeout=400):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
-  """Slow: four launches of the trainer; 48 steps leave room to kill after a checkpoint and stop
-  before the end. About 100 steps in all, so they compile at the trainer's optimisation
+  """Slow: four launches of the trainer; 36 steps leave room to kill after a checkpoint and stop
+  before the end. About 75 steps in all, so they compile at the trainer's optimisation
   level, where a step runs in half the time (tests/xla_options.py)."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=128)
-  flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=12",      # 48 steps
+  flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=9",       # 36 steps
            "--config.checkpoint.every=16", "--config.data.eval_path=")
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   start = functools.partial(_main, env=trainer_env(ENV))
@@ -240,7 +240,7 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
   for m in _metrics(resumed):
     if "loss" in m:                                   # not the compile rows of each start
       assert m["loss"] == first[m["step"]], m["step"]
-  for a, b in zip(_saved_params(straight, 48), _saved_params(resumed, 48)):
+  for a, b in zip(_saved_params(straight, 36), _saved_params(resumed, 36)):
     np.testing.assert_array_equal(a, b)                 # bit-exact on CPU
 
 
@@ -337,15 +337,15 @@ def test_a_killed_process_ends_the_job_in_seconds_naming_the_checkpoint(tmp_path
   the lost process and the last complete checkpoint, instead of waiting on
   the coordination service's 100 s and aborting with a C++ stack; the job
   resumes from that checkpoint.
-  Slow: two two-process jobs; the first must outlive a checkpoint before one process is killed."""
+  Slow: two two-process jobs; the first must outlive a checkpoint before one process is killed,
+  and the survivor waits out the 20 s of silence."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)    # 2 steps an epoch
   flags = ("--config=tests/tiny_config.py:" + root, "--config.checkpoint.every=4",
            "--config.data.eval_path=")
   run = str(tmp_path / "run")
   first, second = _job(run, 2, *flags, "--config.epochs=100")
-  reached = lambda: max((m["step"] for m in _metrics(run)), default=0) if os.path.exists(
-      os.path.join(run, "metrics.jsonl")) else 0
-  _wait_for(lambda: reached() >= 9, first, timeout=600)
+  # Orbax renames a checkpoint's directory to its step once every process has written it.
+  _wait_for(lambda: os.path.isdir(os.path.join(run, "checkpoints", "4")), first, timeout=600)
   second.send_signal(signal.SIGKILL)
   killed = time.monotonic()
   out = first.communicate(timeout=120)[0]
@@ -356,7 +356,7 @@ def test_a_killed_process_ends_the_job_in_seconds_naming_the_checkpoint(tmp_path
                        r"from checkpoint (\d+) in (.*)", last)
   assert found and found[2] == os.path.join(run, "checkpoints"), last
   step = int(found[1])
-  assert step >= 8 and step % 4 == 0
+  assert step >= 4 and step % 4 == 0
   # That checkpoint is complete: the job resumes from it and finishes (two steps more).
   job = _job(run, 2, *flags, f"--config.epochs={step // 2 + 1}")
   outs = [proc.communicate(timeout=600)[0] for proc in job]
