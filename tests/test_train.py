@@ -315,13 +315,17 @@ def _assert_same_steps(expected, got):
         np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=f"{key} at {a['step']}")
 
 
+def _free_port() -> int:
+  with socket.socket() as free:
+    free.bind(("localhost", 0))
+    return free.getsockname()[1]
+
+
 def _job(workdir, count, *flags):
   """`count` processes of one device each, joined on a free localhost port
   (as launch/multiprocess_cpu.sh starts them, without its stopping the rest
   when one fails: here the survivors must stop themselves)."""
-  with socket.socket() as free:
-    free.bind(("localhost", 0))
-    port = free.getsockname()[1]
+  port = _free_port()
   env = {**ENV, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": " ".join(("--xla_force_host_platform_device_count=1", *FAST_COMPILE))}
   return [subprocess.Popen(
@@ -387,9 +391,7 @@ def test_a_lost_peer_is_named_even_after_the_main_thread_has_ended(tmp_path):
   must still say which process was lost and end this one, without starting
   JAX again."""
   os.makedirs(tmp_path / "checkpoints" / "8")
-  with socket.socket() as free:
-    free.bind(("localhost", 0))
-    port = str(free.getsockname()[1])
+  port = str(_free_port())
   env = {**ENV, "JAX_PLATFORMS": "cpu"}
   procs = [subprocess.Popen([sys.executable, "-c", _LOST_PEER, str(i), port,
                              str(tmp_path / "checkpoints")], cwd=ROOT, env=env,
