@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dinorank_jax import aot, errors, train
 from dinorank_jax.bench import __main__ as bench
 from tests import tiny_corpus
-from tests.tiny_config import get_config as tiny_config
+from tests.tiny_config import get_config as tiny_config, lean_config
 
 needs_plugin = pytest.mark.skipif(
     not aot.plugin_available(),
@@ -157,7 +157,7 @@ def test_bench_fit_writes_the_largest_rows_of_each_policy(tmp_path, capsys):
 def test_the_trainer_refuses_a_step_over_its_budget_before_running_it(tmp_path):
   """Slow: the refusal comes after the trainer compiles its step and the coarser remat policies'."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
-  config = tiny_config(root)
+  config = lean_config(root)
   config.model.remat, config.device_memory_gib = "dots", 1e-6    # only "full" is coarser
   with pytest.raises(train.StepDoesNotFit) as e:
     train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -20,7 +20,7 @@ from dinorank_jax.checkpoint import IncompatibleCheckpoint
 from dinorank_jax.data import build, pipeline, records, verify
 from dinorank_jax.evaluate import metrics
 from tests import tiny_corpus
-from tests.tiny_config import CONFIGS, get_config as tiny_config
+from tests.tiny_config import CONFIGS, LEAN_FLAGS, lean_config, get_config as tiny_config
 
 ROOT = os.path.dirname(CONFIGS)
 
@@ -107,7 +107,7 @@ def test_resume_falls_back_refuses_changed_fields_and_keeps_every_config(tmp_pat
   each damage needs checkpoints a run wrote."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64, num_eval=32)
   work = str(tmp_path / "run")
-  config = tiny_config(root)
+  config = lean_config(root)
   config.epochs, config.data.eval_path = 8, ""       # 16 steps; checkpoints 8 and 16
   train.train_and_evaluate(config, work)
   shutil.copytree(work, tmp_path / "copy")
@@ -125,7 +125,7 @@ def test_resume_falls_back_refuses_changed_fields_and_keeps_every_config(tmp_pat
   assert "config.epochs: 8 -> 9" in caplog.text      # a change that is allowed is said
 
   # A change to the model or the data order is refused, naming the fields.
-  changed = tiny_config(root)
+  changed = lean_config(root)
   changed.epochs, changed.data.eval_path, changed.batch_size = 9, "", 16
   with pytest.raises(workdir_lib.ChangedConfig,
                      match=r"another config.batch_size \(config.batch_size: 32 -> 16\)"):
@@ -149,7 +149,7 @@ def test_resume_falls_back_refuses_changed_fields_and_keeps_every_config(tmp_pat
   assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["16", "18", "8"]
 
   # From the command line, on the copy: checkpoints 8 and 16 as the first run left them.
-  run = ["dinorank_jax.main", f"--config=tests/tiny_config.py:{root}",
+  run = ["dinorank_jax.main", f"--config=tests/tiny_config.py:{root}", *LEAN_FLAGS,
          f"--workdir={tmp_path / 'copy'}", "--config.data.eval_path=", "--config.epochs=9"]
   checkpoints = tmp_path / "copy" / "checkpoints"
   os.remove(checkpoints / "16" / "state" / "_METADATA")
@@ -259,7 +259,7 @@ def test_an_unopenable_shard_is_left_out_or_stops_the_run_in_one_line(tmp_path, 
 def test_training_logs_skips_and_finishes(tmp_path):
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=128, num_eval=32)
   _damage(os.path.join(root, "train"))
-  config = tiny_config(root)
+  config = lean_config(root)
   config.epochs, config.data.eval_path, config.data.max_skip_fraction = 2, "", 0.2
   train.train_and_evaluate(config, str(tmp_path / "run"))
   last = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")][-1]

@@ -20,7 +20,7 @@ from dinorank_jax.models.layers import Block, Encoder, stack_layers
 from dinorank_jax.models.summary import count
 from tests import tiny_corpus
 from tests.model_sizes import EOT, IMAGE, VOCAB, tiny_model, tokens
-from tests.tiny_config import get_config as tiny_config
+from tests.tiny_config import lean_config
 
 TOKENS = tokens([3, 5, 0, 70])
 TOWERS = {"image trunk": ViT("tiny/16", 16), "image student": ViT("tiny/8"),
@@ -214,7 +214,7 @@ def test_resuming_an_unrolled_run_with_scanned_stacks_names_the_flag(tmp_path):
   """Slow: the unrolled layout is a program no other test compiles; it trains, is refused, then
   resumes."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64, num_eval=32)
-  config = tiny_config(root)
+  config = lean_config(root)
   config.epochs, config.data.eval_path = 1, ""           # 2 steps
   config.model.scan = False
   train.train_and_evaluate(config, str(tmp_path / "run"))

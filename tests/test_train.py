@@ -28,7 +28,7 @@ from dinorank_jax.losses.distill import CRITERIA
 from dinorank_jax.models.fusion import FUSION_MODES
 from dinorank_jax.step import Objective
 from tests import tiny_corpus
-from tests.tiny_config import CONFIGS, get_config as tiny_config
+from tests.tiny_config import CONFIGS, LEAN_FLAGS, lean_config, get_config as tiny_config
 from tests.xla_options import FAST_COMPILE, trainer_env
 
 ROOT = os.path.dirname(CONFIGS)
@@ -181,7 +181,7 @@ def test_resuming_with_more_epochs_reads_the_step_from_the_cache(tmp_path):
   """Slow: two starts with a cache of their own, so the first compiles cold."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
   workdir = str(tmp_path / "run")
-  config = tiny_config(root)
+  config = lean_config(root)
   config.epochs, config.data.eval_path = 2, ""
   config.compilation_cache = str(tmp_path / "cache")
   compilation.use_cache(config.compilation_cache)
@@ -213,7 +213,7 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
   before the end. About 75 steps in all, so they compile at the trainer's optimisation
   level, where a step runs in half the time (tests/xla_options.py)."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=128)
-  flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=9",       # 36 steps
+  flags = ("--config=tests/tiny_config.py:" + root, *LEAN_FLAGS, "--config.epochs=9",  # 36 steps
            "--config.checkpoint.every=16", "--config.data.eval_path=")
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   start = functools.partial(_main, env=trainer_env(ENV))
@@ -255,7 +255,7 @@ def test_two_processes_of_four_devices_equal_one_of_eight_and_resume_on_any_coun
   processes, the second reading the first's step from the cache)."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=96)
   # 3 steps, a checkpoint after each; the learning rate is at its peak from step 2.
-  flags = ("--config=tests/tiny_config.py:" + root, "--config.epochs=1",
+  flags = ("--config=tests/tiny_config.py:" + root, *LEAN_FLAGS, "--config.epochs=1",
            "--config.checkpoint.every=1", "--config.optim.warmup_steps=1")
   # Compiled as the trainer compiles (XLA's default options), for which the
   # tolerances below hold: at level 0 Adam turns the other rounding of 2 x 4
@@ -344,7 +344,7 @@ def test_a_killed_process_ends_the_job_in_seconds_naming_the_checkpoint(tmp_path
   Slow: two two-process jobs; the first must outlive a checkpoint before one process is killed,
   and the survivor waits out the 20 s of silence."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)    # 2 steps an epoch
-  flags = ("--config=tests/tiny_config.py:" + root, "--config.checkpoint.every=4",
+  flags = ("--config=tests/tiny_config.py:" + root, *LEAN_FLAGS, "--config.checkpoint.every=4",
            "--config.data.eval_path=")
   run = str(tmp_path / "run")
   first, second = _job(run, 2, *flags, "--config.epochs=100")
