@@ -156,7 +156,7 @@ def test_nonfinite_loss_stops_naming_step_terms_and_checkpoint(tmp_path):
   """Slow: four starts of the trainer; skipping non-finite updates is a program of its own."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
   workdir = str(tmp_path / "run")
-  config = tiny_config(root)
+  config = lean_config(root)
   config.epochs, config.data.eval_path = 4, ""     # 8 steps, checkpoint at 8
   train.train_and_evaluate(config, workdir)
   config.epochs = 8
@@ -170,7 +170,7 @@ def test_nonfinite_loss_stops_naming_step_terms_and_checkpoint(tmp_path):
   # Poisoned teacher features are a data error, skipped and counted, not a loss.
   poisoned = tiny_corpus.corpora(str(tmp_path / "poisoned"), num_train=64, poison=True)
   with pytest.raises(records.DataError, match="records of .* are bad"):
-    train.train_and_evaluate(tiny_config(poisoned), str(tmp_path / "poisoned_run"))
+    train.train_and_evaluate(lean_config(poisoned), str(tmp_path / "poisoned_run"))
 
 
 @pytest.mark.slow

@@ -2,15 +2,15 @@
 corpora `tiny_corpus.corpus` writes under DIR (`tests/tiny_config.py:DIR`).
 
 The tests of a run's mechanics (resume after a kill or a signal, a lost
-process, damaged checkpoints, skipped records, restarts on another process
-count, the step read from the cache) train it without its students
-(`lean_config`): what they check — checkpoints, data positions, collectives across
-processes, which program is compiled — does not depend on the model's parts.
-Without them the order-3 step has 4,533 equations instead of 9,580 and
-compiles in a third of the time (docs/performance.md § The test suite's
-time). The full model trains in the loop, non-finite, export, warm-start and
-evaluation tests, and every term's reduction over devices is the
-data-parallel step test's.
+process, damaged checkpoints, skipped records, the non-finite guard,
+restarts on another process count, the step read from the cache) train it
+without its students (`lean_config`): what they check — checkpoints, data
+positions, collectives across processes, which program is compiled — does
+not depend on the model's parts. Without them the order-3 step has 4,533
+equations instead of 9,580 and compiles in a third of the time
+(docs/performance.md § The test suite's time). The full model trains in
+the loop, export, warm-start and evaluation tests, and every term's
+reduction over devices is the data-parallel step test's (test_step.py).
 """
 
 import os
