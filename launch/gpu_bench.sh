@@ -13,7 +13,7 @@
 #
 #   OUT=results launch/gpu_bench.sh                 # on the GPU machine
 #   DEVICE=cpu ROWS=4 ORDERS=0,3 SUITES=step AB=attention=xla LOSS_SIZES=8x64 TARGET= \
-#     OUT=/tmp/b launch/gpu_bench.sh               # the same path on a CPU (a test)
+#     MODEL=students=none OUT=/tmp/b launch/gpu_bench.sh   # the same path on a CPU (a test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the directory for the results}
@@ -26,6 +26,7 @@ SUITES=${SUITES:-step,mfu}     # the timed suites of step 3
 ORDERS=${ORDERS:-0,1,2,3,4,5}
 AB=${AB:-attention=cudnn xla_gpu_enable_latency_hiding_scheduler=true}   # A/Bs of order 3
 LOSS_SIZES=${LOSS_SIZES:-512x4096}   # the losses' ROWSxM, timed and their memory checked
+MODEL=${MODEL:-}               # config.model overrides for steps 2-3, e.g. remat=dots
 PYTHON=${PYTHON:-python3}
 # A compilation cache shared by the calls below: the step suite reads the
 # order-3 step the memory suite compiled (compile seconds are not timed).
@@ -55,11 +56,13 @@ PY
   --format=csv | tee -a "$OUT/versions.txt" || true
 
 "$PYTHON" -m dinorank_jax.bench --suite memory --device "$DEVICE" --rows "$ROWS" \
-  ${TARGET:+--target "$TARGET"} --compilation_cache "$CACHE" --json "$OUT/memory.json" 2>&1 \
+  ${TARGET:+--target "$TARGET"} ${MODEL:+--model "$MODEL"} --compilation_cache "$CACHE" \
+  --json "$OUT/memory.json" 2>&1 \
   | tee "$OUT/memory.log"
 
 "$PYTHON" -m dinorank_jax.bench --suite "$SUITES" --device "$DEVICE" --rows "$ROWS" \
-  --orders "$ORDERS" --rounds "$ROUNDS" --repeats "$REPEATS" --compilation_cache "$CACHE" \
+  --orders "$ORDERS" --rounds "$ROUNDS" --repeats "$REPEATS" ${MODEL:+--model "$MODEL"} \
+  --compilation_cache "$CACHE" \
   $(for v in $AB; do echo --ab "$v"; done) --json "$OUT/gpu.json" 2>&1 | tee "$OUT/step.log"
 
 "$PYTHON" -m dinorank_jax.bench.losses --sizes "$LOSS_SIZES" --memory_size "$LOSS_SIZES" \

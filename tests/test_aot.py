@@ -173,19 +173,22 @@ def test_the_trainer_refuses_a_step_over_its_budget_before_running_it(tmp_path):
 @pytest.mark.slow
 def test_gpu_bench_script_runs_end_to_end_at_a_tiny_shape(tmp_path):
   """With the plugin, the measured peak has the H200's AOT prediction beside
-  it; without, `TARGET=` leaves that out and the rest still runs.
+  it; without, `TARGET=` leaves that out and the rest still runs. The model
+  without its students (`MODEL`): the script's path is the same for any model.
   Slow: the script's four processes, an H200 compile among them, at 4 rows."""
   target = "h200" if aot.plugin_available() else ""
   out = tmp_path / "out"
   env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "ROWS": "4", "ORDERS": "0,3",
          "SUITES": "step", "ROUNDS": "1", "REPEATS": "1", "AB": "attention=xla,xla_gpu_enable_latency_hiding_scheduler=true",
-         "LOSS_SIZES": "8x64", "PYTHON": sys.executable, "TARGET": target}
+         "LOSS_SIZES": "8x64", "MODEL": "students=none", "PYTHON": sys.executable,
+         "TARGET": target}
   proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "gpu_bench.sh")], env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "backend cpu" in (out / "versions.txt").read_text()
   memory = json.loads((out / "memory.json").read_text())["memory"]
   assert memory["predicted_peak_bytes"] > 0 and memory["measured_peak_bytes"] is None
+  assert memory["model"] == {"students": "none"}
   assert memory.get("target") == (target or None)
   assert not target or memory["target_peak_bytes"] > 0
   steps = {r["model"]: r for r in json.loads((out / "gpu.json").read_text())["step"]}

@@ -171,7 +171,8 @@ def main(argv=None):
                                            f"({args.device} shape)"))
   save()
   if "memory" in args.suites:
-    results["memory"] = memory = step.measure_memory(args.device, rows=args.rows)
+    results["memory"] = memory = step.measure_memory(args.device, rows=args.rows,
+                                                     overrides=args.model)
     save()
     if args.target:
       memory["target"] = args.target

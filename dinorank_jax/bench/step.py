@@ -200,8 +200,10 @@ def variant_models(variants) -> dict:
   return {f"order 3 [{v}]": (3, "both", v) for v in variants}
 
 
-def measure_memory(shape_name: str, *, rows: int | None = None, steps: int = 2) -> dict:
-  """The order-3 step alone: XLA's predicted peak per device
+def measure_memory(shape_name: str, *, rows: int | None = None, steps: int = 2,
+                   overrides: dict | None = None) -> dict:
+  """The order-3 step alone (with `overrides` of `config.model` fields, as
+  `bench_model`): XLA's predicted peak per device
   (`compile_ahead`) against the peak the allocator measured over `steps`
   steps (`peak_bytes_in_use`; None where the backend keeps no statistics,
   as on the CPU). Run it first in its process: the measured peak is the
@@ -210,11 +212,12 @@ def measure_memory(shape_name: str, *, rows: int | None = None, steps: int = 2) 
   mesh = parallel.make_mesh()
   rows = rows or shape["rows"]
   host = synthetic_batch(rows * mesh.devices.size, shape["image_size"], shape["teacher"])
-  run = compile_step(3, shape, mesh, host)
+  run = compile_step(3, shape, mesh, host, overrides=overrides)
   _run_steps(run, steps)
   stats = jax.local_devices()[0].memory_stats() or {}
-  return {"rows": rows, "devices": mesh.devices.size, "predicted_peak_bytes":
-          run[4].get("peak_bytes"), "measured_peak_bytes": stats.get("peak_bytes_in_use"),
+  return {"rows": rows, "devices": mesh.devices.size, "model": overrides or {},
+          "predicted_peak_bytes": run[4].get("peak_bytes"),
+          "measured_peak_bytes": stats.get("peak_bytes_in_use"),
           "bytes_limit": stats.get("bytes_limit")}
 
 
