@@ -116,14 +116,15 @@ def test_the_refusal_names_peak_limit_and_settings_that_fit():
 @pytest.mark.slow
 def test_bench_compiles_the_train_step_for_h100_with_xla_attention_and_refuses_it(
     tmp_path, capsys):
-  """Slow: one train step compiled by XLA:GPU for 8 H100s, the smallest shape that is the trainer's
-  whole step."""
+  """Slow: one train step compiled by XLA:GPU for 8 H100s at the CPU shape, without the students
+  (the path is the trainer's for any model)."""
   with pytest.raises(SystemExit, match="attention=cudnn cannot be compiled for a --target"):
     bench.main(["--suite", "compile", "--target", "h100", "--device", "cpu",
                 "--model", "attention=cudnn"])
   out = tmp_path / "compile.json"
   bench.main(["--suite", "compile", "--target", "h100", "--device", "cpu", "--orders", "0",
-              "--model", "attention=xla", "--no_compilation_cache", "--json", str(out)])
+              "--model", "attention=xla,students=none", "--no_compilation_cache",
+              "--json", str(out)])
   printed = capsys.readouterr().out
   assert "compile (cpu shape, 8 x h100" in printed and "usable 59.7 GiB" in printed
   results = json.loads(out.read_text())
@@ -141,11 +142,11 @@ def test_bench_compiles_the_train_step_for_h100_with_xla_attention_and_refuses_i
 @needs_plugin
 @pytest.mark.slow
 def test_bench_fit_writes_the_largest_rows_of_each_policy(tmp_path, capsys):
-  """Slow: the fit search compiles the train step for the H200; one policy and one order keep it to
-  one compile."""
+  """Slow: the fit search compiles the train step for the H200; one policy, one order and no
+  students keep it to one small compile."""
   out = tmp_path / "fit.json"
   bench.main(["--suite", "compile", "--target", "h200", "--device", "cpu", "--fit",
-              "--orders", "0", "--model", "remat=full", "--no_compilation_cache",
+              "--orders", "0", "--model", "remat=full,students=none", "--no_compilation_cache",
               "--json", str(out)])
   assert "largest rows per device that fit (cpu shape, 8 x h200)" in capsys.readouterr().out
   (row,) = json.loads(out.read_text())["fit"]
