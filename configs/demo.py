@@ -31,9 +31,13 @@ def get_config(arg=None):
   # takes 347-355 ms scanned and 267-273 ms unrolled (`python -m
   # dinorank_jax.bench --suite step --orders 0,3 --ab scan=false`,
   # docs/performance.md). Exports hold the scanned layout either way.
+  # float32: XLA:CPU computes bfloat16 matmuls by converting, so the paper's
+  # bfloat16 only slows the CPU: the order-3 step at this shape takes 290 ms
+  # in float32 and 372 ms in bfloat16 (`python -m dinorank_jax.bench --suite
+  # step --orders 3 --model scan=false --ab dtype=bfloat16`, docs/training.md).
   c.model.update(embed_dim=64, image_trunk="tiny/8", text_trunk="tiny",
                  image_student="tiny/8", text_student="tiny", rank_head_dim=16, remat="none",
-                 scan=False)
+                 scan=False, dtype="float32")
   c.objective.high_order_len = None
   c.optim.update(lr=2e-3, warmup_steps=100)
   c.checkpoint.every = 200
