@@ -18,6 +18,7 @@ devices' peak dense bf16 rate (from the vendor's sheet, or `peak_tflops`).
 """
 
 import functools
+import math
 import statistics
 import time
 
@@ -98,11 +99,15 @@ def random_state(program: TrainProgram, optimizer: optim.Optimizer, seed: int = 
   start (one step per "epoch"), so every order is active."""
   shardings = program.shardings
   leaves, treedef = jax.tree.flatten(program.abstract.params)
+  sizes = [math.prod(x.shape) for x in leaves]
 
   def draw(key):
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten([0.02 * jax.random.normal(k, x.shape, x.dtype)
-                              for k, x in zip(keys, leaves)])
+    # One draw, cut into the leaves: a draw per leaf inlines the generator's
+    # code once per leaf, and the program took 12x longer to compile (6.7 s
+    # against 0.55 s for the CPU shape's 154 leaves).
+    values = 0.02 * jax.random.normal(key, (sum(sizes),), jnp.float32)
+    parts = jnp.split(values, np.cumsum(sizes)[:-1])
+    return treedef.unflatten([p.reshape(x.shape).astype(x.dtype) for p, x in zip(parts, leaves)])
   params = jax.jit(draw, out_shardings=shardings.params)(jax.random.key(seed))
   tx = optimizer(optim.learning_rate(SCHEDULE))
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
