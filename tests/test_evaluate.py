@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinorank_jax import export, train
 from dinorank_jax.evaluate import __main__ as cli
 from dinorank_jax.evaluate import clip_benchmark, metrics, probe, prompts, report, suites
 from dinorank_jax.evaluate.sources import tfds_split
-from tests import tiny_corpus
-from tests.tiny_config import get_config as tiny_config
+from tests import tiny_corpus, tiny_export
 
 CLASSES = ["red", "green", "blue", "sea_lion"]
 
@@ -399,19 +397,11 @@ def test_missing_datasets_are_reported_as_skipped(tmp_path):
     suites.expand(["imagenet", "cocoa"])
 
 
-@pytest.fixture(scope="module")
-def trained_export(tmp_path_factory):
-  root = tmp_path_factory.mktemp("evaluate")
-  data = tiny_corpus.corpora(str(root / "data"), num_train=64, num_eval=32)
-  config = tiny_config(data)
-  config.epochs, config.data.eval_path = 2, ""          # 4 steps
-  train.train_and_evaluate(config, str(root / "run"))
-  export.main(["--workdir", str(root / "run"), "--out", str(root / "export")])
-  return root
-
-
-def test_cli_evaluates_the_synthetic_suite_writes_the_report_and_compares(trained_export, capsys):
-  root = trained_export
+def test_cli_evaluates_the_synthetic_suite_writes_the_report_and_compares(tmp_path, capsys):
+  # An untrained export with both students (the trainer's exports are test_export.py's).
+  root = tmp_path
+  tiny_corpus.corpora(str(root / "data"), num_train=64, num_eval=32)
+  tiny_export.write(str(root / "export"), **tiny_export.STUDENTS)
   cli.main(["--model", str(root / "export"), "--suite", "synthetic,table1",
             "--data_dir", str(root / "data"), "--out", str(root / "report")])
   printed = capsys.readouterr().out
