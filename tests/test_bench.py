@@ -133,12 +133,14 @@ def test_the_persistent_cache_serves_a_second_process(tmp_path):
           "compilation.use_cache(sys.argv[1])\n"
           "model, objective, optimizer = step.bench_model(3, step.SHAPES['gpu'], 'none')\n"
           "program = build(model, optimizer, objective, parallel.make_mesh(), 224)\n"
-          "print(compilation.compile_ahead(program.init, *program.inputs)[1]['compile_seconds'])")
-  run = lambda: float(subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")],
-                                     capture_output=True, text=True, check=True).stdout)
-  first = run()
+          "print(compilation.compile_ahead(program.init, *program.inputs)[1]['from_cache'])")
+  # JAX's own cache-hit event (`compile_ahead`'s `from_cache`), not a time: on
+  # two busy cores a read took 2.1 s against a 3.0 s compile.
+  run = lambda: subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")],
+                               capture_output=True, text=True, check=True).stdout.split()[-1]
+  assert run() == "False"
   assert any((tmp_path / "cache").iterdir())
-  assert run() < first / 3
+  assert run() == "True"
 
 
 def test_rank_scaling_and_data_suites_report():
