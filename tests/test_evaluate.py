@@ -104,6 +104,28 @@ def test_linear_probe_separates_separable_features():
   assert min(probe.COARSE) <= result["l2"] <= max(probe.COARSE) * 10 ** 0.5
 
 
+def test_probe_fit_stops_at_scikit_learns_optimum():
+  """The fit stops once its gradient is below `probe.TOL`, well before its
+  iteration cap, at scikit-learn's optimum of the same objective (mean
+  cross-entropy + λ/2 ‖W‖² is C = 1/(λ n) there, the bias unpenalised)."""
+  from sklearn.linear_model import LogisticRegression
+  rng = np.random.default_rng(0)
+  n, classes, l2 = 400, 4, 0.05
+  y = rng.integers(0, classes, n)
+  x = (rng.normal(size=(classes, 8))[y] + 1.5 * rng.normal(size=(n, 8))).astype(np.float32)
+  params, iterations = probe.fit(x, y, classes, l2, steps=200)
+  reference = LogisticRegression(C=1 / (l2 * n), tol=1e-10, max_iter=10_000).fit(
+      x.astype(np.float64), y)
+  assert iterations < 100
+  # λ-strong convexity in W: ‖W − W*‖ ≤ ‖∇‖ / λ, plus float32 rounding.
+  np.testing.assert_allclose(np.asarray(params["w"]), reference.coef_.T,
+                             atol=probe.TOL / l2 + 1e-5)
+  logits = x @ np.asarray(params["w"]) + np.asarray(params["b"])
+  probabilities = np.exp(logits - logits.max(1, keepdims=True))
+  np.testing.assert_allclose(probabilities / probabilities.sum(1, keepdims=True),
+                             reference.predict_proba(x), atol=1e-4)
+
+
 def test_modality_gap_cone_numbers_and_gram_fidelity():
   rng = np.random.default_rng(0)
   unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)

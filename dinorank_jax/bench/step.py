@@ -130,15 +130,25 @@ def compile_step(order: int, shape: dict, mesh, host_batch: dict, students: str 
 def variant(text: str) -> tuple[dict, dict]:
   """`"attention=cudnn,xla_gpu_enable_latency_hiding_scheduler=true"` ->
   `(config.model overrides, XLA compiler options)`: keys starting `xla_`
-  are XLA's flags, the rest `config.model` fields."""
+  are XLA's flags, the rest `config.model` fields. Values are booleans,
+  integers, floats or else strings."""
   model, options = {}, {}
+
+  def typed(value):
+    if value.lower() in ("true", "false"):
+      return value.lower() == "true"
+    for kind in (int, float):
+      try:
+        return kind(value)
+      except ValueError:
+        pass
+    return value
+
   for item in filter(None, text.split(",")):
     key, sep, value = item.partition("=")
     if not sep:
       raise ValueError(f"a variant is key=value pairs, got {item!r}")
-    lowered = value.lower()
-    value = (lowered == "true") if lowered in ("true", "false") else value
-    (options if key.startswith("xla_") else model)[key] = value
+    (options if key.startswith("xla_") else model)[key] = typed(value)
   return model, options
 
 

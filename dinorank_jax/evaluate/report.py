@@ -98,7 +98,7 @@ def _suite_tables(models: dict) -> list[str]:
     for group in GROUPS:
       keys = list(dict.fromkeys(k for r in ran.values() for k in r["metrics"]
                                 if k.startswith(group + "/")
-                                and not k.endswith(("/l2", "/val_top1"))))
+                                and not k.endswith(("/l2", "/val_top1", "/iterations"))))
       if not keys:
         continue
       percent = group in ("zero_shot", "retrieval", "probe")
