@@ -173,6 +173,17 @@ def test_gpu_shape_on_a_cpu_backend_names_the_fix():
     bench.parse(["--suite", "speed"])
 
 
+def test_variants_are_typed_model_fields_and_xla_flags():
+  """`--ab` / `--model` values reach `config.model` as the field's type (an
+  int field refuses the string "64")."""
+  fields, options = step.variant("scan=false,rank_chunk_size=64,dtype=float32,"
+                                 "xla_cpu_enable_fast_math=true,xla_gpu_memory_limit_slop_factor=95")
+  assert fields == {"scan": False, "rank_chunk_size": 64, "dtype": "float32"}
+  assert options == {"xla_cpu_enable_fast_math": True, "xla_gpu_memory_limit_slop_factor": 95}
+  assert bench.model_overrides("embed_dim=32,temperature=0.5") == {"embed_dim": 32,
+                                                                   "temperature": 0.5}
+
+
 def test_order_ratios_are_to_order_0_and_judged_against_the_paper():
   table = [{"model": "order 0", "ms": 100.0}, {"model": "order 3", "ms": 130.0},
            {"model": "order 5", "ms": 140.0}]
