@@ -151,6 +151,7 @@ def test_rank_scaling_and_data_suites_report():
   table = data.run(num_records=32, stored_side=64, image_size=32, batch_size=8,
                    settings=((1, 0),), rounds=1)
   assert table[0]["of_bare"] == 1.0 and table[1]["samples_s"] > 0
+  assert all(r["cpu_us"] > 0 for r in table)
 
 
 def test_build_suite_reports_memory_and_rate_at_every_scale():

@@ -2,8 +2,18 @@
 
     ArrayRecordDataSource → per-epoch shuffle (seeded) → this process's rows
     of each global batch → decode + random resized crop + flip (seeded by
-    the stream position), in threads
-    → batch of the per-process size → optional worker processes + prefetch
+    the stream position) → batch of the per-process size → a prefetch
+    thread (or worker processes)
+
+With `threads = 1` one background thread reads, decodes and batches, a
+record after another. With more, Grain's pool of that many threads decodes
+records ahead of the batching thread. The pool costs CPU per record (a
+future, a lock, and a scan of the ready records on every one taken; Grain's
+batching ran in the caller's thread too): the demo's order-1 step took
+0.288 s with one thread against 0.301 s through a pool of one and 0.306 s
+through a pool of two, and 0.254 s with no data loading at all
+(docs/performance.md § The input pipeline). A pool pays off where decoding,
+not Python, is the cost: large JPEGs on many cores.
 
 and, on the device, `losses.distill.align_teacher_grid` resamples each
 teacher patch grid into its image's crop box, flipped like the image. The
@@ -292,7 +302,8 @@ def make_dataset(directory: str, *, batch_size: int, image_size: int, seed: int,
     num_epochs: None for an endless stream; each epoch is reshuffled, and
       augmentations are drawn per stream position.
     num_records: train on the first `num_records` records only (subsets).
-    threads: decoding threads (PIL releases the GIL while decoding).
+    threads: decoding threads (PIL releases the GIL while decoding); 1
+      decodes in the prefetch thread itself (see the module docstring).
     worker_count: worker processes on top of the threads (0: none).
     syn_captions: batches carry `syn_tokens` (ALIP); records without are skipped.
     max_skip_fraction, min_seen: see `CountSkips`; also the bound on the
@@ -312,10 +323,11 @@ def make_dataset(directory: str, *, batch_size: int, image_size: int, seed: int,
     ds = ds.shuffle()
   ds = ProcessBlocks(ds.repeat(num_epochs), batch_size, shard_index, shard_count)
   ds = ds.map(Decode(image_size, seed, crop_scale, syn_captions=syn_captions, shards=shards))
-  stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                prefetch_buffer_size=4 * batch_size))
-  stream = CountSkips(stream, directory, min_seen, max_skip_fraction)
+  pool = (grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * batch_size)
+          if threads > 1 else grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  stream = CountSkips(ds.to_iter_dataset(pool), directory, min_seen, max_skip_fraction)
   stream = stream.batch(batch_size, drop_remainder=True)
   if worker_count:
-    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return stream
+    return stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  # The caller's thread only takes finished batches (and dispatches steps).
+  return grain.experimental.ThreadPrefetchIterDataset(stream, prefetch_buffer_size=2)
