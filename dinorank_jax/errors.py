@@ -4,7 +4,9 @@ Every command's `main` runs under `guard`: a `UserError` (a bad value, a
 missing dataset, a busy workdir, a damaged export, …; its message names the
 fix) or an expected operating-system error (no such file, no permission,
 disk full, read-only file system) prints `error: …` on one line and exits
-with status 1. Anything else is a bug and propagates with its traceback.
+with status 1. Ctrl-C prints `interrupted: …` on one line (what was kept, when
+the command says so by raising `Interrupted`) and exits with status 130, the
+shell's for SIGINT. Anything else is a bug and propagates with its traceback.
 """
 
 import errno
@@ -26,6 +28,10 @@ _OS_FIXES = {
 
 class UserError(Exception):
   """A mistake the user can fix; the message says how, in one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C, after the command kept what it could; the message says what."""
 
 
 def one_line(error: BaseException) -> str:
@@ -50,5 +56,8 @@ def guard(main):
       if message is None:
         raise
       sys.exit(f"error: {message}")
+    except KeyboardInterrupt as e:
+      print(f"interrupted: {' '.join(str(e).split()) or 'Ctrl-C'}", file=sys.stderr)
+      sys.exit(130)
 
   return guarded

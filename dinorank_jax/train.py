@@ -6,7 +6,9 @@ of every global batch (`data.pipeline`), and the step is the jitted,
 state-donating train step of `step.build`. The run resumes from the latest
 complete checkpoint in `workdir` (state and data iterator, so the batches
 continue exactly), saves every `config.checkpoint.every` steps, at the end,
-and when SIGTERM arrives (preemption) before exiting. Evaluation runs on
+and when SIGTERM (preemption) or Ctrl-C (SIGINT) arrives: at the end of the
+step under way, then it exits (after Ctrl-C with `errors.Interrupted`,
+which names the saved step; a second Ctrl-C exits at once). Evaluation runs on
 every process. A non-finite loss stops the run naming the step, the
 offending terms and the last good checkpoint (`config.on_nonfinite="stop"`)
 or skips that update (`"skip"`, inside the step).
@@ -32,7 +34,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from dinorank_jax import config as config_lib
-from dinorank_jax import compilation, evaluate, optim, parallel, warm_start
+from dinorank_jax import compilation, errors, evaluate, optim, parallel, warm_start
 from dinorank_jax import workdir as workdir_lib
 from dinorank_jax.checkpoint import Checkpointer
 from dinorank_jax.data import records
@@ -229,10 +231,17 @@ def build_model(config, meta: dict) -> DinoRankCLIP:
       text_teacher_dims=(teacher["text_dim"], teacher["text_dim"]) if projected else None)
 
 
-def _on_sigterm(flag: dict):
+def _on_stop_signal(flag: dict):
+  """Sets `flag["stop"]` (and which signal) for the loop to save and exit at
+  the end of the step; after Ctrl-C, a second one interrupts at once."""
   def handler(signum, frame):
-    flag["stop"] = True
-    logging.warning("SIGTERM: saving a checkpoint, then exiting")
+    flag["stop"], flag["signal"] = True, signum
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      logging.warning("Ctrl-C: saving a checkpoint at the end of this step, then exiting "
+                      "(Ctrl-C again exits at once, losing the steps since the last checkpoint)")
+    else:
+      logging.warning("SIGTERM: saving a checkpoint, then exiting")
   return handler
 
 
@@ -370,12 +379,13 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
     writer.write(step, metrics)
     return metrics
 
-  preempted = {"stop": False}
-  previous = signal.signal(signal.SIGTERM, _on_sigterm(preempted))
+  preempted = {"stop": False, "signal": None}
+  previous = {s: signal.signal(s, _on_stop_signal(preempted))
+              for s in (signal.SIGTERM, signal.SIGINT)}
   peers = parallel.watch_peers(os.path.join(workdir, "checkpoints"))
   send_buffers = parallel.widen_gloo_send_buffers()
   start = int(state.step)
-  progress = None
+  progress, stopped_at = None, None
   skipped, eval_metrics = np.zeros(len(records.SKIP_REASONS), np.int64), {}
   timer, timed_from = time.perf_counter(), start
   position = iterator.get_state()         # the data position a checkpoint records
@@ -415,6 +425,7 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
         eval_metrics = run_eval(step + 1)
       if _any_process(preempted["stop"]):
         checkpointer.save(step + 1, state, position, force=True)
+        stopped_at = step + 1
         break
     else:
       checkpointer.save(total_steps, state, position, force=True)
@@ -429,11 +440,16 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
     checkpointer.wait()
     checkpointer.close()
     writer.close()
-    signal.signal(signal.SIGTERM, previous)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
     if send_buffers is not None:
       send_buffers.stop()
   if peers is not None:         # not after an error: the others should see this process go
     peers.finish()
+  if preempted["signal"] == signal.SIGINT and stopped_at is not None:
+    raise errors.Interrupted(f"saved step {stopped_at} of {total_steps} in "
+                             f"{os.path.join(workdir, 'checkpoints')}; run the same command "
+                             "to resume")
   return eval_metrics
 
 

@@ -332,6 +332,21 @@ def test_trainer_config_mistakes_are_one_line(tmp_path, flags, message):
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+def test_ctrl_c_in_any_command_is_one_line_and_status_130(capsys):
+  """Every command's `main` runs under `errors.guard`: Ctrl-C prints what the
+  command kept (`errors.Interrupted`'s message) or just that it stopped."""
+  def interrupted(error):
+    @errors.guard
+    def main():
+      raise error
+    with pytest.raises(SystemExit) as stop:
+      main()
+    return stop.value.code, capsys.readouterr().err
+
+  assert interrupted(KeyboardInterrupt()) == (130, "interrupted: Ctrl-C\n")
+  assert interrupted(errors.Interrupted("saved step 7")) == (130, "interrupted: saved step 7\n")
+
+
 def test_command_mistakes_are_one_line(tmp_path):
   cases = [
       (("dinorank_jax.main", "--config=configs/nope.py", f"--workdir={tmp_path}"),

@@ -244,6 +244,28 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
     np.testing.assert_array_equal(a, b)                 # bit-exact on CPU
 
 
+def test_ctrl_c_saves_the_step_under_way_and_says_so_in_one_line(tmp_path):
+  """Ctrl-C (SIGINT) mid-run: the step under way ends and is saved, and the
+  command exits 130 with one `interrupted:` line naming that checkpoint, no
+  traceback. Resuming from a save outside the schedule is the SIGTERM test's."""
+  root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
+  workdir = str(tmp_path / "run")
+  proc = _main(workdir, "--config=tests/tiny_config.py:" + root, *LEAN_FLAGS,
+               "--config.epochs=100", "--config.checkpoint.every=1000",          # 200 steps
+               "--config.data.eval_path=")
+  _wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+            and any("loss" in m for m in _metrics(workdir)), proc)
+  proc.send_signal(signal.SIGINT)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 130, out[-3000:]
+  saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
+  assert len(saved) == 1 and 0 < saved[0] < 200
+  assert [line for line in out.splitlines() if line.startswith("interrupted:")] == [
+      f"interrupted: saved step {saved[0]} of 200 in {workdir}/checkpoints; run the same "
+      "command to resume"]
+  assert "Traceback" not in out, out[-3000:]
+
+
 @pytest.mark.slow
 def test_two_processes_of_four_devices_equal_one_of_eight_and_resume_on_any_count(tmp_path):
   """2 × 4 devices against 1 × 8, step for step; then the 2 × 4 run resumed

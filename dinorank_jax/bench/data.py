@@ -34,6 +34,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from dinorank_jax import errors
 from dinorank_jax.data import build, pipeline, records, synthetic
 
 
@@ -137,6 +138,7 @@ def format_table(table, title) -> str:
   return "\n".join(lines)
 
 
+@errors.guard
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m dinorank_jax.bench.data",
                               description=__doc__.split("\n")[0],

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dinorank_jax import errors
 from dinorank_jax.losses.contrastive import infonce_nll
 from dinorank_jax.losses.plackett_luce import reference_order
 from dinorank_jax.losses.ranking import mutual_rank_term
@@ -195,6 +196,7 @@ def _size(text):
   return int(rows), int(m)
 
 
+@errors.guard
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m dinorank_jax.bench.losses",
                                    description=__doc__.split("\n")[0],

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dinorank_jax import errors
 from dinorank_jax.models.dinorankclip import DinoRankCLIP
 from dinorank_jax.models.text import CONTEXT_LENGTH
 
@@ -44,6 +45,7 @@ def parameter_table(model: DinoRankCLIP, image_size: int = 224) -> list[tuple[st
   return rows + [("total", count(params))]
 
 
+@errors.guard
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m dinorank_jax.models.summary",
                                    description=__doc__.split("\n")[0],
