@@ -16,7 +16,9 @@ or skips that update (`"skip"`, inside the step).
 The workdir holds `config.json` (the resolved config the checkpoints
 follow), `starts/` (each start's config copy), `lock.json` while a run holds
 it (`workdir.lock`), `metrics.jsonl`, `tensorboard/` and `checkpoints/`.
-Every field is validated (`validate`) before anything is built or compiled.
+Every field, and every shape the model and step assume (patches, the batch
+over the devices, the rank lists), is validated (`validate`) before the data
+is prepared or anything is built or compiled.
 """
 
 import functools
@@ -49,7 +51,7 @@ from dinorank_jax.models.dinorankclip import ARCHS, STUDENT_MODES
 from dinorank_jax.models.fusion import FUSION_MODES
 from dinorank_jax.models.layers import ATTENTION, REMAT_POLICIES
 from dinorank_jax.models.summary import parameter_overview
-from dinorank_jax.models.text import TEXT_SIZES
+from dinorank_jax.models.text import CONTEXT_LENGTH as TEXT_CONTEXT, TEXT_SIZES
 from dinorank_jax.models.vit import VIT_SIZES, vit_size
 from dinorank_jax.step import Objective, build
 
@@ -165,10 +167,20 @@ def validate(config) -> None:
                       f"(0 = CLIP, 1 = RankCLIP), got {config.model.rank_order!r}")
   for name in ("image_trunk", "image_student"):
     try:
-      vit_size(config.model[name])
+      patch = vit_size(config.model[name])[3]
+      if patch < 1:
+        raise ValueError
     except ValueError:
       raise ConfigError(f"config.model.{name} must be '<size>/<patch>' with size in "
                         f"{sorted(VIT_SIZES)}, e.g. 'B/32', got {config.model[name]!r}") from None
+    if name == "image_student" and config.model.students == "none":
+      continue
+    side = config.data.image_size
+    if side % patch:
+      raise ConfigError(f"config.model.{name}={config.model[name]} cuts "
+                        f"config.data.image_size={side} into {side / patch:.3g} patches a "
+                        "side: the side must be a multiple of the patch, e.g. "
+                        f"--config.data.image_size={patch * max(side // patch, 1)}")
   _choice(config, "model.text_trunk", TEXT_SIZES)
   _choice(config, "model.text_student", TEXT_SIZES)
   _choice(config, "model.students", STUDENT_MODES)
@@ -182,9 +194,46 @@ def validate(config) -> None:
   _choice(config, "objective.criterion", CRITERIA)
   _choice(config, "on_nonfinite", NONFINITE)
   _choice(config, "data.prepare", ("", "synthetic"))
+  _check_rank_lists(config)
+  _check_batch(config)
   if config.log.wandb and importlib.util.find_spec("wandb") is None:
     raise ConfigError("config.log.wandb is on but wandb is not installed: pip install "
                       "'dinorank_jax[wandb]', or set --config.log.wandb=False")
+
+
+def _check_rank_lists(config) -> None:
+  """Order r conditions position k on the r − 1 items ranked before it, so a
+  list must score at least r positions, with corrections, for order r to act."""
+  order = config.model.rank_order
+  if order < 2:
+    return
+  for name in ("list_len", "high_order_len"):
+    value = config.objective[name]
+    if value is not None and value < order:
+      raise ConfigError(f"config.objective.{name}={value} leaves config.model.rank_order="
+                        f"{order} no position to act on (it needs {order}): set "
+                        f"--config.objective.{name}={order} or more, or None (every position)")
+
+
+def _check_batch(config) -> None:
+  """The batch over the devices, the micro-batches and the rank lists."""
+  devices = jax.device_count()
+  for name in ("batch_size", "eval_batch_size"):
+    if config[name] % devices or config[name] % jax.process_count():
+      raise ConfigError(f"config.{name}={config[name]} must be a multiple of the "
+                        f"{devices} devices")
+  if config.batch_size % (config.optim.accum_steps * devices):
+    raise ConfigError(f"config.batch_size={config.batch_size} must be a multiple of "
+                      f"config.optim.accum_steps={config.optim.accum_steps} x {devices} devices "
+                      "(every micro-batch is spread over every device)")
+  # The items of a rank list: the batch (accumulation scores the whole
+  # batch), or with the local scope one device's share of it.
+  items = config.batch_size // (devices if config.objective.rank_scope == "local" else 1)
+  if items < config.model.rank_order:
+    raise ConfigError(f"config.model.rank_order={config.model.rank_order} ranks lists of "
+                      f"{items} items (config.batch_size={config.batch_size}, "
+                      f"objective.rank_scope={config.objective.rank_scope}, {devices} devices): "
+                      "a list needs at least as many items as the order")
 
 
 def _check(config, meta: dict | None) -> None:
@@ -202,15 +251,11 @@ def _check(config, meta: dict | None) -> None:
     raise ConfigError(f"config.objective.alip needs synthetic captions, and "
                       f"config.data.path={config.data.path} has none: rebuild it with a "
                       "syn_caption column or {key}.syn.txt members (docs/data.md)")
-  devices = jax.device_count()
-  for name in ("batch_size", "eval_batch_size"):
-    if config[name] % devices or config[name] % jax.process_count():
-      raise ConfigError(f"config.{name}={config[name]} must be a multiple of the "
-                        f"{devices} devices")
-  if config.batch_size % (config.optim.accum_steps * devices):
-    raise ConfigError(f"config.batch_size={config.batch_size} must be a multiple of "
-                      f"config.optim.accum_steps={config.optim.accum_steps} x {devices} devices "
-                      "(every micro-batch is spread over every device)")
+  length = meta.get("context_length", TEXT_CONTEXT)
+  if length > TEXT_CONTEXT:
+    raise ConfigError(f"config.data.path={config.data.path} holds captions of {length} tokens, "
+                      f"more than the text tower's context of {TEXT_CONTEXT}: rebuild it with "
+                      "python -m dinorank_jax.data.build (docs/data.md)")
 
 
 def _read_metadata(path: str) -> dict | None:

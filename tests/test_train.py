@@ -461,6 +461,47 @@ def test_multiprocess_launcher_returns_a_failed_process_status():
   assert proc.returncode == 1
 
 
+@pytest.mark.parametrize("fields,message", [
+    ({"model.image_trunk": "B/33"}, r"^config.model.image_trunk=B/33 cuts config.data.image_size=32 "
+     r"into 0.97 patches a side: the side must be a multiple of the patch, e.g. "
+     r"--config.data.image_size=33$"),
+    ({"data.image_size": 36}, r"^config.model.image_trunk=tiny/8 cuts config.data.image_size=36 "
+     r"into 4.5 patches a side: .* --config.data.image_size=32$"),
+    ({"model.image_student": "tiny/5"}, r"^config.model.image_student=tiny/5 cuts "),
+    ({"model.image_trunk": "tiny/0"}, r"^config.model.image_trunk must be '<size>/<patch>'"),
+    ({"objective.list_len": 2}, r"^config.objective.list_len=2 leaves config.model.rank_order=3 "
+     r"no position to act on \(it needs 3\): set --config.objective.list_len=3 or more"),
+    ({"objective.high_order_len": 1}, r"^config.objective.high_order_len=1 leaves "),
+    ({"optim.accum_steps": 3}, r"^config.batch_size=32 must be a multiple of "
+     r"config.optim.accum_steps=3 x 8 devices"),
+    ({"objective.rank_scope": "local", "batch_size": 16},
+     r"^config.model.rank_order=3 ranks lists of 2 items \(config.batch_size=16, "
+     r"objective.rank_scope=local, 8 devices\): a list needs at least as many items as the order$"),
+    ({"data.path": "/data/long"}, r"^config.data.path=/data/long holds captions of 78 tokens, "
+     r"more than the text tower's context of 77: rebuild it"),
+])
+def test_impossible_geometry_is_refused_in_one_line_before_anything_is_built(fields, message):
+  """Every shape the model and step assume, checked from the config and the
+  dataset's metadata alone (`validate`, `_check`) before anything is built."""
+  config = tiny_config("/data/tiny")
+  for name, value in fields.items():
+    section, _, field = name.rpartition(".")
+    (config[section] if section else config)[field] = value
+  with pytest.raises(train.ConfigError, match=message):
+    train.validate(config)
+    train._check(config, {"counts": {"written": 64}, "teacher": {"text_length": 8},
+                          "context_length": 78 if config.data.path == "/data/long" else 77})
+
+
+def test_the_configs_geometry_passes_those_checks():
+  config = tiny_config("/data/tiny")
+  train.validate(config)
+  train._check(config, {"counts": {"written": 64}, "teacher": {"text_length": 8},
+                        "context_length": 77})
+  config.model.students, config.model.image_student = "none", "tiny/5"   # no student: no check
+  train.validate(config)
+
+
 def test_alip_refuses_records_without_synthetic_captions():
   config = runpy.run_path(os.path.join(CONFIGS, "alip.py"))["get_config"]("/data/cc3m")
   with pytest.raises(train.ConfigError, match=r"^config.objective.alip needs synthetic captions, "
