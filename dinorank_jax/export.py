@@ -336,6 +336,9 @@ class ExportedModel:
         {"params": p}, t, method=DinoRankCLIP.embed_texts)["text"])
 
   def _batched(self, fn, x: np.ndarray) -> np.ndarray:
+    if not len(x):                 # no rows: the output's shape, from tracing alone
+      one = jax.ShapeDtypeStruct((self.batch_size, *x.shape[1:]), x.dtype)
+      return np.zeros((0, *jax.eval_shape(fn, self.params, one).shape[1:]), np.float32)
     out = []
     for start in range(0, len(x), self.batch_size):
       chunk = x[start:start + self.batch_size]
@@ -346,8 +349,8 @@ class ExportedModel:
 
   def preprocess(self, images) -> np.ndarray:
     """uint8 `[N, S, S, 3]` at the export's side `S`: one image or many (PIL
-    images, encoded bytes, uint8 arrays or float arrays in [0, 1], of any
-    size and mode) through the export's evaluation transform
+    images, file paths, encoded bytes, uint8 arrays or float arrays in
+    [0, 1], of any size and mode) through the export's evaluation transform
     (`data.transform`: shorter side resized, centre square, RGB)."""
     return transform.preprocess_many(images, self.image_size)
 
@@ -356,7 +359,9 @@ class ExportedModel:
     side = self.image_size
     if (isinstance(images, np.ndarray) and images.ndim == 4
         and images.shape[1:] == (side, side, 3)):
-      return images.astype(np.float32) * (1.0 if images.dtype == np.uint8 else 255.0)
+      if images.dtype == np.uint8:
+        return images.astype(np.float32)
+      return transform.unit_floats(images).astype(np.float32) * 255.0
     return self.preprocess(images).astype(np.float32)
 
   def encode_image(self, images) -> np.ndarray:

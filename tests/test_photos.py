@@ -99,3 +99,17 @@ def test_photos_go_through_build_verify_training_evaluation_and_load(built):
   embedded = model.encode_image(pixels)
   assert embedded.shape == (n, 16) and np.all(np.isfinite(embedded))
   np.testing.assert_allclose(model.encode_image(originals), embedded, atol=1e-6)
+
+  # A path opens the file; float pixels 0-255 are refused, not saturated;
+  # nothing in, nothing out.
+  path = root / "photo"
+  path.write_bytes(next(iter(photos.encoded().values())))
+  np.testing.assert_array_equal(model.preprocess(path), model.preprocess(str(path)))
+  np.testing.assert_array_equal(model.preprocess([str(path)]), pixels[:1])
+  with pytest.raises(ValueError, match=r"^float image arrays must hold values in \[0, 1\], "
+                     r"got values from 0 to 255: divide 0-255 pixels by 255, or pass them as uint8$"):
+    model.encode_image(pixels.astype(np.float32))
+  with pytest.raises(ValueError, match=r"got values from 0 to 255"):
+    model.preprocess(np.asarray(originals[0].convert("RGB"), np.float32))
+  assert model.encode_image([]).shape == (0, 16)
+  assert model.encode_text([]).shape == (0, 16)

@@ -20,6 +20,7 @@ crop, bilinear, as CLIP trains).
 """
 
 import io
+import os
 
 import numpy as np
 from PIL import Image
@@ -58,10 +59,13 @@ def crop_fraction(width: int, height: int, side: int) -> tuple[float, float, flo
 
 
 def as_pil(image) -> Image.Image:
-  """A PIL image from a PIL image, encoded bytes, or an array `[H, W]` /
-  `[H, W, 1|3|4]` (uint8, or float in [0, 1])."""
+  """A PIL image from a PIL image, a file path (`str` or `os.PathLike`),
+  encoded bytes, or an array `[H, W]` / `[H, W, 1|3|4]` (uint8, or float in
+  [0, 1])."""
   if isinstance(image, Image.Image):
     return image
+  if isinstance(image, (str, os.PathLike)):
+    return Image.open(image)
   if isinstance(image, (bytes, bytearray)):
     return Image.open(io.BytesIO(image))
   array = np.asarray(image)
@@ -70,16 +74,32 @@ def as_pil(image) -> Image.Image:
   if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
     raise ValueError(f"an image is [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; got {array.shape}")
   if array.dtype != np.uint8:
-    if not np.issubdtype(array.dtype, np.floating):
-      raise ValueError(f"image arrays are uint8, or float in [0, 1]; got {array.dtype}")
-    array = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+    array = np.rint(unit_floats(array) * 255.0).astype(np.uint8)
   return Image.fromarray(array)
 
 
+SLACK = 1 / 512       # float rounding past 0 or 1 by under half a grey level is clipped
+
+
+def unit_floats(array: np.ndarray) -> np.ndarray:
+  """`array` clipped to [0, 1] when it is floating point with every value in
+  [0, 1] (± `SLACK`); otherwise a ValueError in one line saying what to pass."""
+  if not np.issubdtype(array.dtype, np.floating):
+    raise ValueError(f"image arrays are uint8, or float in [0, 1]; got {array.dtype}")
+  if not array.size:
+    return array
+  low, high, nan = np.nanmin(array), np.nanmax(array), np.isnan(array).any()
+  if nan or low < -SLACK or high > 1 + SLACK:
+    raise ValueError(f"float image arrays must hold values in [0, 1], got values from {low:g} "
+                     f"to {high:g}{' and NaN' if nan else ''}: divide 0-255 pixels by 255, or "
+                     "pass them as uint8")
+  return np.clip(array, 0.0, 1.0)
+
+
 def preprocess_many(images, side: int) -> np.ndarray:
-  """uint8 `[N, side, side, 3]` from one image (PIL, bytes or `[H, W(, C)]`)
-  or many (a list of those, or an array `[N, H, W, C]`)."""
-  if isinstance(images, (Image.Image, bytes, bytearray)):
+  """uint8 `[N, side, side, 3]` from one image (PIL, a path, bytes or
+  `[H, W(, C)]`) or many (a list of those, or an array `[N, H, W, C]`)."""
+  if isinstance(images, (Image.Image, str, os.PathLike, bytes, bytearray)):
     images = [images]
   elif isinstance(images, np.ndarray) and images.ndim in (2, 3):
     images = [images]
