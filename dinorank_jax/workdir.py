@@ -122,12 +122,23 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def stored_config(workdir: str) -> dict | None:
-  """The config the run's checkpoints follow (`config.json`), if any."""
+  """The config the run's checkpoints follow (`config.json`), if any; a file
+  that is not a JSON object (edited by hand, emptied) is one line naming it."""
+  path = os.path.join(workdir, CONFIG)
   try:
-    with open(os.path.join(workdir, CONFIG)) as f:
-      return json.load(f)
+    with open(path) as f:
+      text = f.read()
   except FileNotFoundError:
     return None
+  try:
+    stored = json.loads(text)
+    problem = None if isinstance(stored, dict) else f"holds a JSON {type(stored).__name__}"
+  except json.JSONDecodeError as e:
+    problem = f"is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+  if problem:
+    raise UserError(f"{path} {problem}, not the run's config: fix it, or copy the newest "
+                    f"file of {os.path.join(workdir, 'starts')} over it")
+  return stored
 
 
 def config_changes(stored: dict, config: dict, *, allow: bool = False) -> list[str]:

@@ -332,6 +332,28 @@ def test_trainer_config_mistakes_are_one_line(tmp_path, flags, message):
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.parametrize("text,problem", [
+    ('{"batch_size": 32,}', r"is not valid JSON \(Expecting property name enclosed in double "
+                            r"quotes at line 1, column 19\)"),
+    ("", r"is not valid JSON \(Expecting value at line 1, column 1\)"),
+    ("[]", r"holds a JSON list"),
+])
+def test_a_hand_edited_config_json_is_one_line_naming_the_file(tmp_path, text, problem):
+  (tmp_path / "config.json").write_text(text)
+  with pytest.raises(errors.UserError, match=re.escape(str(tmp_path / "config.json")) + " "
+                     + problem + r", not the run's config: fix it, or copy the newest file of "
+                     + re.escape(str(tmp_path / "starts")) + " over it$"):
+    workdir_lib.stored_config(str(tmp_path))
+
+
+def test_more_records_asked_for_than_the_data_holds_is_one_line(tmp_path):
+  directory = str(tmp_path / "train")
+  tiny_corpus.corpus(directory, num=16)
+  with pytest.raises(records.DataError, match=rf"^config.data.num_records=17, but {directory} "
+                     r"holds 16 records: set it to 16 or fewer, or leave it unset"):
+    pipeline.make_dataset(directory, batch_size=8, image_size=16, seed=0, num_records=17)
+
+
 def test_ctrl_c_in_any_command_is_one_line_and_status_130(capsys):
   """Every command's `main` runs under `errors.guard`: Ctrl-C prints what the
   command kept (`errors.Interrupted`'s message) or just that it stopped."""

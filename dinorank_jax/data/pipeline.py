@@ -315,8 +315,9 @@ def make_dataset(directory: str, *, batch_size: int, image_size: int, seed: int,
   ds = grain.MapDataset.source(RecordSource(shards))
   if num_records is not None:
     if num_records > len(ds):
-      raise ValueError(f"num_records={num_records} but {directory} holds {len(ds)} records "
-                       "(config.data.num_records)")
+      raise records.DataError(f"config.data.num_records={num_records}, but {directory} holds "
+                              f"{len(ds)} records: set it to {len(ds)} or fewer, or leave it "
+                              "unset (every record)")
     ds = ds[:num_records]
   ds = ds.seed(seed)
   if shuffle:
