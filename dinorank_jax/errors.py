@@ -1,6 +1,7 @@
 """User mistakes end in one line; bugs keep their traceback.
 
-Every command's `main` runs under `guard`: a `UserError` (a bad value, a
+Every command parses its arguments with `ArgumentParser`, whose mistakes
+are one `error:` line and status 1 too, and its `main` runs under `guard`: a `UserError` (a bad value, a
 missing dataset, a busy workdir, a damaged export, …; its message names the
 fix) or an expected operating-system error (no such file, no permission,
 disk full, read-only file system) prints `error: …` on one line and exits
@@ -9,6 +10,7 @@ the command says so by raising `Interrupted`) and exits with status 130, the
 shell's for SIGINT. Anything else is a bug and propagates with its traceback.
 """
 
+import argparse
 import errno
 import functools
 import sys
@@ -32,6 +34,31 @@ class UserError(Exception):
 
 class Interrupted(KeyboardInterrupt):
   """Ctrl-C, after the command kept what it could; the message says what."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """argparse's `(default: …)`, once: not where the help already gives the
+  default, nor for options that have none (None, off, an empty list)."""
+
+  def _get_help_string(self, action):
+    default = action.default
+    if ("default" in (action.help or "") or default is None or default is False
+        or default is argparse.SUPPRESS or (isinstance(default, list) and not default)):
+      return action.help
+    return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """Every command's parser: a mistake on the command line is one `error:`
+  line and status 1, like any other user mistake (argparse's own is its
+  usage and status 2), and `--help` gives each default once."""
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault("formatter_class", HelpFormatter)
+    super().__init__(*args, **kwargs)
+
+  def error(self, message):
+    sys.exit(f"error: {message} ({self.prog} --help lists the options)")
 
 
 def one_line(error: BaseException) -> str:

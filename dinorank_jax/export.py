@@ -28,7 +28,6 @@ computed in float32 (`dtype=`) in fixed-size jitted batches (the last one
 padded).
 """
 
-import argparse
 import hashlib
 import json
 import errno
@@ -428,9 +427,8 @@ def load(directory: str, *, batch_size: int = 256, dtype: str = "float32") -> Ex
 
 @errors.guard
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m dinorank_jax.export",
-                              description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = errors.ArgumentParser(prog="python -m dinorank_jax.export",
+                              description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True, help="the training run's directory")
   p.add_argument("--out", required=True, help="export directory to write")
   p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")

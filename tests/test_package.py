@@ -80,10 +80,12 @@ ENTRY_POINTS = ("dinorank_jax.export", "dinorank_jax.evaluate.__main__", "dinora
 
 def test_every_command_line_names_its_python_m_and_helps_every_flag(monkeypatch):
   """Each entry point's parser (caught as it parses): the usage line reads
-  `python -m dinorank_jax.…`, and every argument has a help text (argparse
-  then appends its default)."""
+  `python -m dinorank_jax.…`, the parser is `errors.ArgumentParser` (a
+  mistake is one line, status 1), and every argument has a help text (its
+  default appended once)."""
   import argparse
   import importlib
+  from dinorank_jax import errors
   caught = []
 
   def catch(self, *args, **kwargs):
@@ -101,7 +103,11 @@ def test_every_command_line_names_its_python_m_and_helps_every_flag(monkeypatch)
                           for sub in action.choices.values()]
     for p in parsers:
       assert p.prog.startswith(f"python -m {name.removesuffix('.__main__')}"), (name, p.prog)
-      assert p.formatter_class is argparse.ArgumentDefaultsHelpFormatter, name
+      assert isinstance(p, errors.ArgumentParser), name
+      assert p.formatter_class is errors.HelpFormatter, name
+      text = " ".join(p.format_help().split())
+      assert not re.search(r"\(default: (None|False|\[\])\)", text), name
+      assert not re.search(r"default[^()]*\) \(default:", text), name  # given in the help, not again
       for action in p._actions:                                   # pylint: disable=protected-access
         if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):  # pylint: disable=protected-access
           assert action.help, (name, action.option_strings or action.dest)

@@ -23,7 +23,6 @@ training step that shares the cores.
 Target: the pipeline reaches at least 80 % of the bare loop.
 """
 
-import argparse
 import io
 import os
 import statistics
@@ -140,9 +139,8 @@ def format_table(table, title) -> str:
 
 @errors.guard
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m dinorank_jax.bench.data",
-                              description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = errors.ArgumentParser(prog="python -m dinorank_jax.bench.data",
+                              description=__doc__.split("\n")[0])
   p.add_argument("--records", type=int, default=2048, help="synthetic records written")
   p.add_argument("--stored_side", type=int, default=256, help="stored image side")
   p.add_argument("--image_size", type=int, default=224, help="crop side")

@@ -9,7 +9,6 @@ names where it comes from: `openai` (OpenAI's weights, quick GELU),
 `config.json`).
 """
 
-import argparse
 import os
 
 from dinorank_jax import errors, export
@@ -27,12 +26,10 @@ def _import(args) -> dict:
 
 @errors.guard
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m dinorank_jax.convert",
-                              description=__doc__.split("\n\n")[1].replace("\n", " "),
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = errors.ArgumentParser(prog="python -m dinorank_jax.convert",
+                              description=__doc__.split("\n\n")[1].replace("\n", " "))
   commands = p.add_subparsers(dest="command", required=True)
-  i = commands.add_parser("import", help="a CLIP checkpoint -> an export of ours",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  i = commands.add_parser("import", help="a CLIP checkpoint -> an export of ours")
   i.add_argument("--from", dest="source", required=True, choices=("openai", "open_clip", "hf"),
                  help="the checkpoint's family (an open_clip_config.json beside it names the arch)")
   i.add_argument("--checkpoint", required=True, help="weight file, or a directory holding one")

@@ -31,7 +31,6 @@ two different builds never mix. Captions of any length
 are read (the tokens keep the first 77).
 """
 
-import argparse
 import collections
 import csv
 import functools
@@ -357,9 +356,8 @@ def build(args) -> dict:
 
 
 def parser():
-  p = argparse.ArgumentParser(prog="python -m dinorank_jax.data.build",
-                              description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = errors.ArgumentParser(prog="python -m dinorank_jax.data.build",
+                              description=__doc__.split("\n")[0])
   p.add_argument("--source", required=True, choices=sorted(SOURCES), help="where the pairs come from")
   p.add_argument("--out", required=True, help="dataset directory to write")
   p.add_argument("--input", help="table file (tsv/csv) or tar glob (webdataset)")

@@ -9,7 +9,6 @@ trainer's `data/skipped_*` metrics), the unusable shards, and the first
 record is usable, 1 otherwise.
 """
 
-import argparse
 import collections
 import sys
 
@@ -50,9 +49,8 @@ def verify(directory: str, *, syn_captions: bool = False, log=print, show: int =
 
 @errors.guard
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m dinorank_jax.data.verify",
-                              description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = errors.ArgumentParser(prog="python -m dinorank_jax.data.verify",
+                              description=__doc__.split("\n")[0])
   p.add_argument("directory", help="dataset directory (metadata.json and shards)")
   p.add_argument("--syn_captions", action="store_true",
                  help="also require synthetic captions (ALIP's corpora)")

@@ -9,7 +9,6 @@ merges earlier reports without loading a model. Prints the Markdown report;
 `--out` holds `results.json`, `report.md` and the figures.
 """
 
-import argparse
 import os
 import sys
 
@@ -43,9 +42,8 @@ def evaluate_models(paths: list[str], names: list[str], data_dir: str, *, batch_
 
 @errors.guard
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m dinorank_jax.evaluate",
-                              description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = errors.ArgumentParser(prog="python -m dinorank_jax.evaluate",
+                              description=__doc__.split("\n")[0])
   p.add_argument("--model", help="export directories (python -m dinorank_jax.export), comma-separated")
   p.add_argument("--suite", default="synthetic",
                  help=f"comma-separated: {', '.join(suites.NAMED)}, records:DIR, folder:DIR, wds:DIR, probe:NAME")

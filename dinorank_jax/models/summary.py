@@ -5,7 +5,6 @@
 Shapes come from `jax.eval_shape`, so nothing is allocated.
 """
 
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -47,9 +46,8 @@ def parameter_table(model: DinoRankCLIP, image_size: int = 224) -> list[tuple[st
 
 @errors.guard
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m dinorank_jax.models.summary",
-                                   description=__doc__.split("\n")[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser = errors.ArgumentParser(prog="python -m dinorank_jax.models.summary",
+                                   description=__doc__.split("\n")[0])
   parser.add_argument("--rank_order", type=int, default=3, help="the rank order R")
   parser.add_argument("--students", default="both", help="both, image, text or none")
   args = parser.parse_args(argv)

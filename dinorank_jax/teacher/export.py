@@ -30,7 +30,6 @@ readers join the two by index and check the keys (`records.Shards`), so the
 images are stored once. Keep the two directories side by side.
 """
 
-import argparse
 import dataclasses
 import io
 import json
@@ -254,9 +253,8 @@ def export(args) -> dict:
 
 @errors.guard
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m dinorank_jax.teacher.export",
-                              description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = errors.ArgumentParser(prog="python -m dinorank_jax.teacher.export",
+                              description=__doc__.split("\n")[0])
   p.add_argument("--data", required=True, help="dataset built by dinorank_jax.data.build")
   p.add_argument("--out", required=True, help="dataset directory to write (may not be --data)")
   p.add_argument("--image_teacher", required=True,
