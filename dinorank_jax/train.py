@@ -46,11 +46,10 @@ from dinorank_jax.errors import UserError
 from dinorank_jax.evaluate.metrics import InvalidEmbeddings
 from dinorank_jax.losses.distill import CRITERIA, PROJECTED
 from dinorank_jax.metric_writer import MetricWriter
-from dinorank_jax.models import DinoRankCLIP, from_config
+from dinorank_jax.models import DinoRankCLIP, from_config, summary
 from dinorank_jax.models.dinorankclip import ARCHS, STUDENT_MODES
 from dinorank_jax.models.fusion import FUSION_MODES
 from dinorank_jax.models.layers import ATTENTION, REMAT_POLICIES
-from dinorank_jax.models.summary import parameter_overview
 from dinorank_jax.models.text import CONTEXT_LENGTH as TEXT_CONTEXT, TEXT_SIZES
 from dinorank_jax.models.vit import VIT_SIZES, vit_size
 from dinorank_jax.step import Objective, build
@@ -199,6 +198,25 @@ def validate(config) -> None:
   if config.log.wandb and importlib.util.find_spec("wandb") is None:
     raise ConfigError("config.log.wandb is on but wandb is not installed: pip install "
                       "'dinorank_jax[wandb]', or set --config.log.wandb=False")
+
+
+def start_summary(config, params, table: str, workdir: str, steps_per_epoch: int,
+                  total_steps: int) -> str:
+  """What a run is about to do, in four lines (the whole parameter table is
+  in the workdir's `parameters.txt`)."""
+  m = config.model
+  students = {"none": "no students", "image": f"image student {m.image_student}",
+              "both": f"students {m.image_student} / {m.text_student}"}[m.students]
+  parts = ", ".join(f"{name} {summary.count(sub):,}" for name, sub in params.items())
+  devices, processes = jax.device_count(), jax.process_count()
+  return "\n".join([
+      f"model: image trunk {m.image_trunk}, text trunk {m.text_trunk}, {students}, rank order "
+      f"{m.rank_order}, {m.dtype}",
+      f"parameters: {summary.count(params):,} ({parts}; every one in {table})",
+      f"devices: {devices} on {processes} process{'es' if processes > 1 else ''}; batch "
+      f"{config.batch_size} ({config.batch_size // devices} per device); {total_steps:,} steps "
+      f"({config.epochs} epochs of {steps_per_epoch:,})",
+      f"writing to {workdir}: checkpoints/, metrics.jsonl, tensorboard/"])
 
 
 def _check_rank_lists(config) -> None:
@@ -389,7 +407,11 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
   program = build(model, optimizer, objective, mesh, size, **step_options)
   state = program.new_state()
   if lead:
-    logging.info("parameters:\n%s", parameter_overview(state.params))
+    table = os.path.join(workdir, "parameters.txt")
+    with open(table, "w") as f:
+      f.write(summary.parameter_overview(state.params) + "\n")
+    logging.info("%s", start_summary(config, state.params, table, workdir,
+                                     steps_per_epoch, total_steps))
   iterator = iter(make_dataset(
       config.data.path, batch_size=config.batch_size // jax.process_count(), image_size=size,
       seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),

@@ -264,6 +264,12 @@ def test_ctrl_c_saves_the_step_under_way_and_says_so_in_one_line(tmp_path):
       f"interrupted: saved step {saved[0]} of 200 in {workdir}/checkpoints; run the same "
       "command to resume"]
   assert "Traceback" not in out, out[-3000:]
+  # The start is a short summary; the whole parameter table is in the workdir.
+  assert "parameters: " in out and f"every one in {workdir}/parameters.txt)" in out
+  assert "image_trunk/" not in out and "writing to " + workdir in out
+  with open(os.path.join(workdir, "parameters.txt")) as f:
+    rows = f.read().splitlines()
+  assert rows[0].split() == ["name", "shape", "count"] and rows[-1].startswith("total")
 
 
 @pytest.mark.slow
