@@ -380,9 +380,9 @@ def test_command_mistakes_are_one_line(tmp_path):
        "no export at"),
       (("dinorank_jax.data.build", "--out", str(tmp_path / "d")),
        "error: the following arguments are required: --source"),
-      (("dinorank_jax.teacher.export", "--data", "a", "--out", "b", "--image_teacher", "x",
-        "--pca_dims", "3"), "error: unrecognized arguments: --pca_dims 3 "
-                            "(python -m dinorank_jax.teacher.export --help lists the options)"),
+      (("dinorank_jax.data.verify", str(tmp_path), "--quick"),
+       "error: unrecognized arguments: --quick "
+       "(python -m dinorank_jax.data.verify --help lists the options)"),
   ]
   for argv, message in cases:
     code, out = _command(*argv)

@@ -244,10 +244,13 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
     np.testing.assert_array_equal(a, b)                 # bit-exact on CPU
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_step_under_way_and_says_so_in_one_line(tmp_path):
   """Ctrl-C (SIGINT) mid-run: the step under way ends and is saved, and the
   command exits 130 with one `interrupted:` line naming that checkpoint, no
-  traceback. Resuming from a save outside the schedule is the SIGTERM test's."""
+  traceback. Resuming from a save outside the schedule is the SIGTERM test's.
+  Slow (about 12 s, a trainer process): with the other signal tests, outside
+  the fast loop, whose 5 minutes have no room left."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=64)
   workdir = str(tmp_path / "run")
   proc = _main(workdir, "--config=tests/tiny_config.py:" + root, *LEAN_FLAGS,
