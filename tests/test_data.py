@@ -297,6 +297,29 @@ def test_teacher_text_features_do_not_depend_on_the_batch_or_its_padding():
     np.testing.assert_allclose(pooled[i], alone[valid].mean(0), rtol=1e-4, atol=1e-5)
 
 
+def test_a_teacher_path_that_is_not_a_local_checkpoint_is_one_line_before_anything_is_written(
+    tmp_path):
+  from dinorank_jax.teacher import export
+  (tmp_path / "empty").mkdir()
+
+  def mistake(*flags):
+    with pytest.raises(SystemExit) as exit_:
+      export.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), *flags])
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and len(message.splitlines()) == 1, message
+    assert not (tmp_path / "out").exists()
+    return message
+
+  assert mistake("--image_teacher", str(tmp_path / "dinov3")) == (
+      f"error: --image_teacher {tmp_path / 'dinov3'} is not a directory: pass a local "
+      "transformers checkpoint directory, with config.json and its weights; docs/data.md has "
+      "the recipe")
+  assert "huggingface-cli download facebook/dinov3-vitl16 --local-dir DIR" in mistake(
+      "--image_teacher", "facebook/dinov3-vitl16")
+  assert f"--text_teacher {tmp_path / 'empty'} is a directory without config.json" in mistake(
+      "--image_teacher", "tiny-untrained", "--text_teacher", str(tmp_path / "empty"))
+
+
 def test_teacher_export_on_the_tiny_teacher(tmp_path):
   from dinorank_jax.teacher import export
   directory = _synthetic(tmp_path, num=24)

