@@ -1,11 +1,11 @@
 """User mistakes end in one line; bugs keep their traceback.
 
 Every command parses its arguments with `ArgumentParser`, whose mistakes
-are one `error:` line and status 1 too, and its `main` runs under `guard`: a `UserError` (a bad value, a
-missing dataset, a busy workdir, a damaged export, …; its message names the
-fix) or an expected operating-system error (no such file, no permission,
-disk full, read-only file system) prints `error: …` on one line and exits
-with status 1. Ctrl-C prints `interrupted: …` on one line (what was kept, when
+are one `error:` line and status 1 too, and its `main` runs under `guard`:
+a `UserError` (a bad value, a missing dataset, a busy workdir, a damaged
+export, …; its message names the fix) or an expected operating-system error
+(no such file, no permission, disk full, read-only file system) prints
+`error: …` on one line and exits with status 1. Ctrl-C prints `interrupted: …` on one line (what was kept, when
 the command says so by raising `Interrupted`) and exits with status 130, the
 shell's for SIGINT. Anything else is a bug and propagates with its traceback.
 """

@@ -428,7 +428,7 @@ def load(directory: str, *, batch_size: int = 256, dtype: str = "float32") -> Ex
 @errors.guard
 def main(argv=None):
   p = errors.ArgumentParser(prog="python -m dinorank_jax.export",
-                              description=__doc__.split("\n")[0])
+                            description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True, help="the training run's directory")
   p.add_argument("--out", required=True, help="export directory to write")
   p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")

@@ -73,7 +73,7 @@ def model_overrides(text: str) -> dict:
 
 def parse(argv=None):
   p = errors.ArgumentParser(prog="python -m dinorank_jax.bench",
-                              description=__doc__.split("\n")[0])
+                            description=__doc__.split("\n")[0])
   p.add_argument("--suite", default="all", help=f"'all' or a comma list of {SUITES}")
   p.add_argument("--device", choices=sorted(step.SHAPES),
                  help="the shape: cpu (default) or gpu (the paper's; default with --target)")

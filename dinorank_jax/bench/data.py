@@ -140,7 +140,7 @@ def format_table(table, title) -> str:
 @errors.guard
 def main(argv=None):
   p = errors.ArgumentParser(prog="python -m dinorank_jax.bench.data",
-                              description=__doc__.split("\n")[0])
+                            description=__doc__.split("\n")[0])
   p.add_argument("--records", type=int, default=2048, help="synthetic records written")
   p.add_argument("--stored_side", type=int, default=256, help="stored image side")
   p.add_argument("--image_size", type=int, default=224, help="crop side")

@@ -198,7 +198,7 @@ def _size(text):
 @errors.guard
 def main(argv=None):
   parser = errors.ArgumentParser(prog="python -m dinorank_jax.bench.losses",
-                                   description=__doc__.split("\n")[0])
+                                 description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default="64x512,128x1024,256x2048",
                       help="comma-separated ROWSxM list shapes to time")
   parser.add_argument("--memory_size", default="512x4096", type=_size,

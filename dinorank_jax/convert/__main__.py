@@ -27,7 +27,7 @@ def _import(args) -> dict:
 @errors.guard
 def main(argv=None):
   p = errors.ArgumentParser(prog="python -m dinorank_jax.convert",
-                              description=__doc__.split("\n\n")[1].replace("\n", " "))
+                            description=__doc__.split("\n\n")[1].replace("\n", " "))
   commands = p.add_subparsers(dest="command", required=True)
   i = commands.add_parser("import", help="a CLIP checkpoint -> an export of ours")
   i.add_argument("--from", dest="source", required=True, choices=("openai", "open_clip", "hf"),

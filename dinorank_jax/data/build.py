@@ -357,7 +357,7 @@ def build(args) -> dict:
 
 def parser():
   p = errors.ArgumentParser(prog="python -m dinorank_jax.data.build",
-                              description=__doc__.split("\n")[0])
+                            description=__doc__.split("\n")[0])
   p.add_argument("--source", required=True, choices=sorted(SOURCES), help="where the pairs come from")
   p.add_argument("--out", required=True, help="dataset directory to write")
   p.add_argument("--input", help="table file (tsv/csv) or tar glob (webdataset)")

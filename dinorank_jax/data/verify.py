@@ -50,7 +50,7 @@ def verify(directory: str, *, syn_captions: bool = False, log=print, show: int =
 @errors.guard
 def main(argv=None):
   p = errors.ArgumentParser(prog="python -m dinorank_jax.data.verify",
-                              description=" ".join(__doc__.split("\n\n")[0].split()))
+                            description=" ".join(__doc__.split("\n\n")[0].split()))
   p.add_argument("directory", help="dataset directory (metadata.json and shards)")
   p.add_argument("--syn_captions", action="store_true",
                  help="also require synthetic captions (ALIP's corpora)")

@@ -43,7 +43,7 @@ def evaluate_models(paths: list[str], names: list[str], data_dir: str, *, batch_
 @errors.guard
 def main(argv=None):
   p = errors.ArgumentParser(prog="python -m dinorank_jax.evaluate",
-                              description=__doc__.split("\n")[0])
+                            description=__doc__.split("\n")[0])
   p.add_argument("--model", help="export directories (python -m dinorank_jax.export), comma-separated")
   p.add_argument("--suite", default="synthetic",
                  help=f"comma-separated: {', '.join(suites.NAMED)}, records:DIR, folder:DIR, wds:DIR, probe:NAME")

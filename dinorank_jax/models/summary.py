@@ -47,7 +47,7 @@ def parameter_table(model: DinoRankCLIP, image_size: int = 224) -> list[tuple[st
 @errors.guard
 def main(argv=None):
   parser = errors.ArgumentParser(prog="python -m dinorank_jax.models.summary",
-                                   description=__doc__.split("\n")[0])
+                                 description=__doc__.split("\n")[0])
   parser.add_argument("--rank_order", type=int, default=3, help="the rank order R")
   parser.add_argument("--students", default="both", help="both, image, text or none")
   args = parser.parse_args(argv)

@@ -272,7 +272,7 @@ def export(args) -> dict:
 @errors.guard
 def main(argv=None):
   p = errors.ArgumentParser(prog="python -m dinorank_jax.teacher.export",
-                              description=__doc__.split("\n")[0])
+                            description=__doc__.split("\n")[0])
   p.add_argument("--data", required=True, help="dataset built by dinorank_jax.data.build")
   p.add_argument("--out", required=True, help="dataset directory to write (may not be --data)")
   p.add_argument("--image_teacher", required=True,
