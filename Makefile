@@ -21,9 +21,6 @@ $(STAMP): pyproject.toml
 # Builds data/demo/ on first use, trains into runs/demo/ (a second run resumes
 # there: delete runs/demo to train again) and prints the held-out table; then
 # exports the model to exports/demo/ and evaluates it into reports/demo/.
-# JAX_PLATFORMS=cpu: the gpu-aot extra's CUDA plugin would otherwise look for
-# a GPU first and warn that it found none.
-demo: export JAX_PLATFORMS ?= cpu
 demo: $(STAMP)
 	$(PYTHON) -m dinorank_jax.main --config configs/demo.py --workdir runs/demo
 	$(PYTHON) -m dinorank_jax.export --workdir runs/demo --out exports/demo --overwrite
@@ -37,12 +34,12 @@ demo: $(STAMP)
 # Two workers on two cores: a third finished sooner (19.5 min against 21.5)
 # but starved the killed-process test's 30 s bound (docs/performance.md).
 test: $(STAMP)
-	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 \
 	  $(PYTHON) -m pytest -q -n 2 --dist worksteal tests
 
 # The quick loop: every test not marked slow (pyproject.toml's markers).
 test-fast: $(STAMP)
-	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 \
 	  $(PYTHON) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 clean:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dinorank_jax import aot, errors, train
+from dinorank_jax import aot, cuda_plugin, errors, train
 from dinorank_jax.bench import __main__ as bench
 from tests import tiny_corpus
 from tests.tiny_config import get_config as tiny_config, lean_config
@@ -49,6 +49,24 @@ def test_a_small_program_compiles_for_the_h100_with_exact_argument_bytes():
   assert fit["device_bytes"] == 81559 * 2 ** 20 and fit["fits"] and fit["fits_at_0.95"]
   assert fit["usable_bytes"] == int(0.75 * 81559 * 2 ** 20)
   assert aot.device_memory("h200") == 143771 * 2 ** 20
+
+
+@needs_plugin
+@pytest.mark.skipif(cuda_plugin.driver_present(), reason="a CUDA driver is here: not a CPU machine")
+def test_a_cpu_machine_with_the_plugin_starts_quietly_and_still_compiles_for_the_h100():
+  """No JAX_PLATFORMS set: importing the trainer, starting JAX and compiling
+  for an H100 write nothing to stderr, and JAX computes on the CPU."""
+  code = ("import dinorank_jax.main, jax, jax.numpy as jnp\n"
+          "from dinorank_jax import aot\n"
+          "h100 = jax.sharding.SingleDeviceSharding(aot.devices('h100', 1)[0])\n"
+          "compiled = jax.jit(jnp.sin).lower(\n"
+          "    jax.ShapeDtypeStruct((8,), jnp.float32, sharding=h100)).compile()\n"
+          "print(jax.devices()[0].platform, compiled.memory_analysis().output_size_in_bytes)")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=120)
+  assert out.returncode == 0 and out.stderr == "", out.stderr[-3000:]
+  assert out.stdout == "cpu 32\n"
 
 
 @needs_plugin
