@@ -100,24 +100,63 @@ def _help(argv: list[str]) -> str:
 
 
 def _flag_error(error: Exception, argv: list[str]) -> str:
-  """One line for a command line that does not parse (unknown config field,
-  missing config file, bad value)."""
+  """One line for a command line that does not parse: a bad value names the
+  flag, the value and the type expected; an unknown flag or config field
+  gets the closest real one."""
   message = " ".join(str(error).replace("\\n", " ").replace("\\", "").split()).strip("'\"")
-  unknown = re.search(r"flag '?--?config\.([\w.]+)'?", message) or (
-      isinstance(error, (KeyError, AttributeError)) and re.search(r"(\w+)", message))
-  if unknown:
-    field = next((a[len("--config."):].split("=")[0] for a in argv
-                  if a.startswith("--config.") and a.split("=")[0].endswith(unknown.group(1))),
-                 unknown.group(1))
-    try:
-      closest = suggest(field, load_config_file(_config_spec(argv)))
-    except Exception:  # the config file itself is reported by parse_flags
-      closest = None
-    hint = (f"did you mean --config.{closest}?" if closest
-            else "see configs/README.md for the fields")
-    return (f"unknown config field --config.{field}: {hint} "
-            "(python -m dinorank_jax.main --help lists them)")
+  bad_value = re.match(r"flag --([\w.]+)=(.*?): ", message)
+  if isinstance(error, flags.IllegalFlagValueError) and bad_value:
+    name, value = bad_value.groups()
+    return f"bad value {value!r} for --{name}: expected {_expected(name, argv)}"
+  if isinstance(error, flags.UnrecognizedFlagError):
+    return _unknown_flag(error.flagname, argv)
+  if isinstance(error, (KeyError, AttributeError)):   # a field missing inside a section
+    missing = re.match(r"(\w+)", message).group(1)
+    field = next((a.removeprefix("--config.").split("=")[0] for a in argv
+                  if a.startswith("--config.") and missing in a.split("=")[0].split(".")),
+                 missing)
+    return _unknown_field(field, argv)
   return message
+
+
+def _expected(name: str, argv: list[str]) -> str:
+  """What flag `name` (`config.optim.lr`, `num_processes`) takes, in words."""
+  if not name.startswith("config."):
+    return {"int": "an integer", "bool": "true or false"}.get(
+        flags.FLAGS[name].flag_type(), flags.FLAGS[name].flag_type())
+  field = name.removeprefix("config.")
+  value = _fields(load_config_file(_config_spec(argv))).get(field)
+  kind = {bool: "true or false", int: "an integer", float: "a number",
+          str: "a string"}.get(type(value))
+  if kind is None:
+    return f"one of its fields, set as --{name}.FIELD=VALUE"
+  return f"{kind} (the config has {value!r})"
+
+
+def _closest_field(field: str, argv: list[str]) -> str | None:
+  try:
+    return suggest(field, load_config_file(_config_spec(argv)))
+  except Exception:  # the config file itself is reported by parse_flags
+    return None
+
+
+def _unknown_field(field: str, argv: list[str]) -> str:
+  closest = _closest_field(field, argv)
+  hint = f"did you mean --config.{closest}?" if closest else "see configs/README.md"
+  return (f"unknown config field --config.{field}: {hint} "
+          "(python -m dinorank_jax.main --help lists the fields)")
+
+
+def _unknown_flag(name: str, argv: list[str]) -> str:
+  """`--workdr` → `--workdir`; `--confg.epochs` → `--config.epochs`."""
+  if "." in name:
+    closest = _closest_field(name.partition(".")[2], argv)
+    hint = (f"did you mean --config.{closest}?" if closest
+            else "config fields are set as --config.FIELD=VALUE")
+  else:
+    closest = difflib.get_close_matches(name, [f.name for f in OWN_FLAGS], n=1)
+    hint = f"did you mean --{closest[0]}?" if closest else "see --help"
+  return f"unknown flag --{name}: {hint}"
 
 
 def _config_spec(argv: list[str]) -> str | None:

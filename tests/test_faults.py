@@ -311,12 +311,8 @@ def _command(*argv, cwd=ROOT):
 @pytest.mark.parametrize("flags, message", [
     (["--config.batchsize=8"], "unknown config field --config.batchsize: did you mean "
                                "--config.batch_size?"),
-    (["--config.model.embed_dimm=8"], "unknown config field --config.model.embed_dimm: did you "
-                                      "mean --config.model.embed_dim?"),
-    (["--config.optim.learning_rate=3"], "unknown config field --config.optim.learning_rate: "
-                                         "did you mean --config.optim.lr?"),
-    (["--config.model.rank_ordr=3"], "unknown config field --config.model.rank_ordr: did you "
-                                     "mean --config.model.rank_order?"),
+    (["--config.batch_size=abc"], "bad value 'abc' for --config.batch_size: expected an integer "
+                                  "(the config has 128)"),
     (["--config.checkpoint.every=0"], "config.checkpoint.every must be a number >= 1, got 0"),
     (["--config.model.rank_order=-1"], "config.model.rank_order must be an integer in 0..5"),
     (["--config.model.rank_order=7"], "config.model.rank_order must be an integer in 0..5"),
@@ -330,6 +326,46 @@ def test_trainer_config_mistakes_are_one_line(tmp_path, flags, message):
   assert code == 1 and "Traceback" not in out, out[-2000:]
   assert f"error: {message}" in out, out[-2000:]
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config.model.embed_dimm=8"], "unknown config field --config.model.embed_dimm: did you "
+                                      "mean --config.model.embed_dim?"),
+    (["--config.optim.learning_rate=3"], "unknown config field --config.optim.learning_rate: "
+                                         "did you mean --config.optim.lr?"),
+    (["--config.model.rank_ordr=3"], "unknown config field --config.model.rank_ordr: did you "
+                                     "mean --config.model.rank_order?"),
+    (["--config.optm.lr=3"], "unknown config field --config.optm.lr: did you mean "
+                             "--config.optim.lr?"),
+    (["--config.model.rank_order=1.5"], "bad value '1.5' for --config.model.rank_order: "
+                                        "expected an integer (the config has 3)"),
+    (["--config.optim.lr=x"], "bad value 'x' for --config.optim.lr: expected a number "
+                              "(the config has 0.002)"),
+    (["--config.model.scan=maybe"], "bad value 'maybe' for --config.model.scan: expected true "
+                                    "or false (the config has False)"),
+    (["--config.model=3"], "bad value '3' for --config.model: expected one of its fields, set as "
+                           "--config.model.FIELD=VALUE"),
+    (["--num_processes=x"], "bad value 'x' for --num_processes: expected an integer"),
+    (["--confg.epochs=3"], "unknown flag --confg.epochs: did you mean --config.epochs?"),
+    (["--wrkdir=runs/x"], "unknown flag --wrkdir: did you mean --workdir?"),
+])
+def test_command_line_mistakes_name_the_flag_the_value_and_the_closest_field(argv, message,
+                                                                            monkeypatch):
+  """The errors absl and ml_collections raise, from main's flags on a fresh
+  flag set, each made one line by `main._flag_error`."""
+  from absl import flags as absl_flags
+  from ml_collections import config_flags
+  from dinorank_jax import main
+  argv = ["main", "--config=configs/demo.py", *argv]
+  fresh = absl_flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=fresh, sys_argv=argv, lock_config=True)
+  for flag in main.OWN_FLAGS[1:]:
+    fresh[flag.name] = absl_flags.FLAGS[flag.name]
+  monkeypatch.chdir(ROOT)
+  with pytest.raises(Exception) as caught:
+    fresh(argv)
+  line = main._flag_error(caught.value, argv)                  # pylint: disable=protected-access
+  assert line.removesuffix(" (python -m dinorank_jax.main --help lists the fields)") == message
 
 
 @pytest.mark.parametrize("text,problem", [
