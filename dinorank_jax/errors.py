@@ -13,6 +13,7 @@ shell's for SIGINT. Anything else is a bug and propagates with its traceback.
 import argparse
 import errno
 import functools
+import os
 import sys
 
 # errno -> what the user should do about it.
@@ -59,6 +60,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
   def error(self, message):
     sys.exit(f"error: {message} ({self.prog} --help lists the options)")
+
+
+def check_output_directory(path: str, flag: str) -> None:
+  """Refuses, before any work is done, a command's output directory that
+  cannot be one: an existing file, a path under a file, or a place this user
+  cannot write."""
+  found = os.path.abspath(path)
+  while not os.path.exists(found):            # the nearest part that exists
+    found = os.path.dirname(found)
+  if not os.path.isdir(found):
+    where = "is a file" if found == os.path.abspath(path) else f"lies under the file {found}"
+    raise UserError(f"{flag} {path} {where}, not a directory: choose another {flag}")
+  if not os.access(found, os.W_OK | os.X_OK):
+    raise UserError(f"{flag} {path}: {found} is not writable by you: choose another {flag}")
 
 
 def one_line(error: BaseException) -> str:

@@ -244,8 +244,7 @@ def _is_export(directory: str) -> bool:
 
 def check_out(out: str, overwrite: bool) -> None:
   """Refuses an `--out` that holds anything, unless `overwrite` and it is an export."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise errors.UserError(f"--out {out} is a file: choose a directory")
+  errors.check_output_directory(out, "--out")
   if not os.path.isdir(out) or not os.listdir(out):
     return
   if not _is_export(out):

@@ -226,6 +226,7 @@ def main(argv):
   if not _WORKDIR.value:
     raise errors.UserError("--workdir is required: the run's directory (checkpoints, metrics, "
                            "config), a new one or one to resume")
+  errors.check_output_directory(_WORKDIR.value, "--workdir")
   compilation.use_cache(config.compilation_cache)
   metrics = train.train_and_evaluate(config, _WORKDIR.value,
                                      allow_config_change=_ALLOW_CHANGE.value)

@@ -67,10 +67,13 @@ def _read_lock(path: str) -> dict | None:
 
 @contextlib.contextmanager
 def lock(workdir: str, *, active: bool = True):
-  """Holds the workdir for the `with` block (a no-op unless `active`)."""
+  """Holds the workdir for the `with` block (a no-op unless `active`). A
+  workdir this call created and the block left empty (a run that failed
+  before writing anything) is removed again."""
   if not active:
     yield
     return
+  created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK)
   mine = {"pid": os.getpid(), "host": socket.gethostname(),
@@ -96,6 +99,8 @@ def lock(workdir: str, *, active: bool = True):
   finally:
     if _read_lock(path) == mine:
       os.unlink(path)
+    if created and not os.listdir(workdir):
+      os.rmdir(workdir)
 
 
 def _stale(holder: dict | None) -> bool:

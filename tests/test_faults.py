@@ -58,8 +58,12 @@ def test_workdir_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path, 
     # The trainer takes the same lock before it reads data or compiles.
     with pytest.raises(workdir_lib.WorkdirBusy, match="in use by another run"):
       train.train_and_evaluate(tiny_config(str(tmp_path / "no-data")), work)
-  assert not os.path.exists(os.path.join(work, workdir_lib.LOCK))      # released
+  assert not os.path.exists(work)           # released, and the empty run it made removed
+  with pytest.raises(errors.UserError):     # a new run that fails before it writes anything
+    train.train_and_evaluate(tiny_config(str(tmp_path / "no-data")), str(tmp_path / "new"))
+  assert not os.path.exists(tmp_path / "new")
 
+  os.makedirs(work)
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait()
   lock_file = os.path.join(work, workdir_lib.LOCK)
@@ -313,6 +317,8 @@ def _command(*argv, cwd=ROOT):
                                "--config.batch_size?"),
     (["--config.batch_size=abc"], "bad value 'abc' for --config.batch_size: expected an integer "
                                   "(the config has 128)"),
+    (["--workdir=README.md"], "--workdir README.md is a file, not a directory: choose another "
+                              "--workdir"),
     (["--config.checkpoint.every=0"], "config.checkpoint.every must be a number >= 1, got 0"),
     (["--config.model.rank_order=-1"], "config.model.rank_order must be an integer in 0..5"),
     (["--config.model.rank_order=7"], "config.model.rank_order must be an integer in 0..5"),
@@ -366,6 +372,30 @@ def test_command_line_mistakes_name_the_flag_the_value_and_the_closest_field(arg
     fresh(argv)
   line = main._flag_error(caught.value, argv)                  # pylint: disable=protected-access
   assert line.removesuffix(" (python -m dinorank_jax.main --help lists the fields)") == message
+
+
+def test_an_output_path_that_is_a_file_is_refused_before_any_work(tmp_path):
+  """`--out` of every command that writes a directory: one line, the file
+  untouched, before a dataset is read or a suite is run."""
+  from dinorank_jax import export
+  from dinorank_jax.evaluate import __main__ as evaluate
+  from dinorank_jax.teacher import export as teacher_export
+  taken = tmp_path / "notes.txt"
+  taken.write_text("keep")
+  commands = {
+      "data.build": lambda out: build.main(["--source", "synthetic", "--out", out]),
+      "teacher.export": lambda out: teacher_export.main(
+          ["--data", str(tmp_path), "--out", out, "--image_teacher", "tiny-untrained"]),
+      "export": lambda out: export.main(["--workdir", str(tmp_path), "--out", out]),
+      "evaluate": lambda out: evaluate.main(["--model", str(tmp_path), "--out", out]),
+  }
+  for name, command in commands.items():
+    for out, where in ((taken, "is a file"), (taken / "sub", f"lies under the file {taken}")):
+      with pytest.raises(SystemExit) as exit_:
+        command(str(out))
+      assert exit_.value.code == (f"error: --out {out} {where}, not a directory: choose another "
+                                  "--out"), name
+  assert taken.read_text() == "keep"
 
 
 @pytest.mark.parametrize("text,problem", [

@@ -387,6 +387,7 @@ def main(argv=None):
   for flag in ("num", "image_size", "max_side", "shard_size", "workers"):
     if getattr(args, flag) < 1:
       raise errors.UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+  errors.check_output_directory(args.out, "--out")
   build(args)
 
 

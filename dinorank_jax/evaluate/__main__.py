@@ -60,6 +60,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   if bool(args.model) == bool(args.compare):
     p.error("give --model (to evaluate) or --compare (to merge reports), not both")
+  errors.check_output_directory(args.out, "--out")     # before any suite runs
   if args.compare:
     results = report.merge(args.compare)
   else:

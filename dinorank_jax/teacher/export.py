@@ -295,6 +295,7 @@ def main(argv=None):
                               ("--text_teacher", args.text_teacher, MINILM)):
     if path != builtin:
       local_checkpoint(path, flag)          # before anything is written
+  errors.check_output_directory(args.out, "--out")
   export(args)
 
 
