@@ -155,7 +155,7 @@ def test_restored_iterator_continues_exactly(tmp_path):
       np.testing.assert_array_equal(got[k], expected[k])
 
 
-def test_builders_skip_and_count_bad_inputs(tmp_path):
+def test_builders_skip_and_count_bad_inputs(tmp_path, caplog):
   good = _jpeg(np.full((300, 400, 3), 120, np.uint8))
   (tmp_path / "a.jpg").write_bytes(good)
   (tmp_path / "b.jpg").write_bytes(b"\xff\xd8 not a jpeg")
@@ -163,9 +163,13 @@ def test_builders_skip_and_count_bad_inputs(tmp_path):
   table = tmp_path / "pairs.tsv"
   table.write_text("image\tcaption\na.jpg\ta grey picture\nb.jpg\tbroken\nc.jpg\t   \n"
                    "missing.jpg\tno file\n")
-  meta = build.build(_build_args(source="tsv", input=str(table), out=str(tmp_path / "t"),
-                                 workers=1))
+  with caplog.at_level(logging.WARNING):
+    meta = build.build(_build_args(source="tsv", input=str(table), out=str(tmp_path / "t"),
+                                   workers=1))
   assert meta["counts"] == {"written": 1, "corrupt": 2, "empty_caption": 1, "syn_caption": 0}
+  assert f"skipped 000000001 ({tmp_path / 'b.jpg'}): corrupt (" in caplog.text   # PIL's reason
+  assert (f"skipped 000000003 ({tmp_path / 'missing.jpg'}: No such file or directory): corrupt "
+          "(no image data)") in caplog.text
   rec = records.decode_record(records.read_shard(records.shard_paths(str(tmp_path / "t"))[0])[0])
   assert rec["caption"] == "a grey picture" and min(Image.open(io.BytesIO(rec["jpeg"])).size) == 256
   sidecar = json.loads((tmp_path / "t" / "shard-00000.json").read_text())
@@ -451,7 +455,9 @@ def test_damaged_or_missing_inputs_are_named_never_silently_fewer(tmp_path, capl
   (tmp_path / "00001.tar").write_bytes(whole[:len(whole) // 2])    # cut short
   (tmp_path / "00002.tar").write_bytes(b"<html>502 Bad Gateway</html>")   # not a tar
   _tar(tmp_path / "00003.tar", [("k8", {"jpg": good, "txt": b"caf\xe9 au lait"}),   # Latin-1
-                                ("k9", {"jpg": good, "txt": "café".encode()})])
+                                ("k9", {"jpg": good, "txt": "café".encode()}),
+                                ("k10", {"jpg": b"<html>404</html>", "txt": b"a page"}),
+                                ("k11", {"txt": b"no picture"})])
   _tar(tmp_path / "00004.tar", [(f"m{i}", members) for i, (_, members) in enumerate(samples)])
   with tarfile.open(tmp_path / "00004.tar") as tar:
     second = tar.getmembers()[3]                        # m1.txt: cut after it, at a boundary
@@ -464,7 +470,12 @@ def test_damaged_or_missing_inputs_are_named_never_silently_fewer(tmp_path, capl
   assert sorted(damaged) == ["00001.tar", "00002.tar", "00004.tar"]
   assert "unexpected end of data" in damaged["00001.tar"]
   assert "ends without tar's end-of-archive marker" in damaged["00004.tar"]
-  assert meta["counts"]["corrupt"] == 1 and "skipped k8: corrupt (caption is not UTF-8)" in caplog.text
+  assert meta["counts"]["corrupt"] == 3
+  shard = tmp_path / "00003.tar"        # each skip names its tar member and why
+  assert f"skipped k8 ({shard}: k8.jpg): corrupt (caption is not UTF-8)" in caplog.text
+  assert f"skipped k10 ({shard}: k10.jpg): corrupt (cannot identify image file)" in caplog.text
+  assert (f"skipped k11 ({shard}: k11 (no .jpg, .png or .webp member)): corrupt (no image data)"
+          in caplog.text)
   captions = [records.decode_record(r)["caption"]
               for p in records.shard_paths(str(tmp_path / "w")) for r in records.read_shard(p)]
   assert "café" in captions and not any("\ufffd" in c for c in captions)

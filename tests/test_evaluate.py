@@ -45,9 +45,11 @@ def _folder(root, per_class=3, bad=0):
   return str(root)
 
 
-def test_zero_shot_is_exact_for_identical_embeddings_and_chance_for_random(tmp_path):
-  result = suites.run(f"folder:{_folder(tmp_path / 'set', bad=1)}", OneHotModel(), "")
+def test_zero_shot_is_exact_for_identical_embeddings_and_chance_for_random(tmp_path, caplog):
+  with caplog.at_level(logging.WARNING):
+    result = suites.run(f"folder:{_folder(tmp_path / 'set', bad=1)}", OneHotModel(), "")
   assert result["status"] == "ok" and result["examples"] == 12 and result["skipped"] == 1
+  assert f"skipped {tmp_path / 'set' / CLASSES[0] / 'broken0.jpg'}: cannot identify" in caplog.text
   assert result["metrics"]["zero_shot/label/top1"] == 1.0
   assert result["metrics"]["zero_shot/label/mean_per_class_recall"] == 1.0
 
@@ -408,7 +410,7 @@ def test_coco_retrieval_and_gap_read_captions_from_tfds(tmp_path):
   assert len(gap["plots"]["gap"]["image"]) == 4
 
 
-def test_missing_datasets_are_reported_as_skipped(tmp_path):
+def test_missing_datasets_are_reported_as_skipped(tmp_path, monkeypatch):
   names = suites.expand(["all"])
   assert {"imagenet", "coco", "gap", "probe:cifar10", "probe:flowers"} <= set(names)
   for name in ("imagenet", "imagenet_v2_mf", "coco", "gap", "probe:fgvc_aircraft", "synthetic",
@@ -417,6 +419,11 @@ def test_missing_datasets_are_reported_as_skipped(tmp_path):
     assert status.startswith(f"skipped: not found at {tmp_path}"), (name, status)
   with pytest.raises(ValueError, match="unknown suite"):
     suites.expand(["imagenet", "cocoa"])
+  # A relative DIR is read from the current directory; the report says where.
+  monkeypatch.chdir(tmp_path)
+  for prefix in ("folder", "wds", "records"):
+    status = suites.run(f"{prefix}:rel/x", OneHotModel(), "elsewhere")["status"]
+    assert status.startswith(f"skipped: not found at {tmp_path / 'rel' / 'x'}"), status
 
 
 def test_cli_evaluates_the_synthetic_suite_writes_the_report_and_compares(tmp_path, capsys):

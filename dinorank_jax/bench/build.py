@@ -72,7 +72,7 @@ def write_tars(directory: str, num_tars: int, pairs_per_tar: int, distinct: int)
 
 def _reencode_tar(path: str) -> int:
   count = 0
-  for _, image, _, _ in build.webdataset_items([path], damaged=[]):
+  for _, image, _, _, _ in build.webdataset_items([path], damaged=[]):
     build.reencode(image, MAX_SIDE)
     count += 1
   return count

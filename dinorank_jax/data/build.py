@@ -20,7 +20,9 @@ has it) or a `{key}.syn.txt` member of a webdataset sample; producing them
 with a captioning model is the user's step (docs/data.md). A record gets
 `syn_caption` and `syn_tokens` where its synthetic caption is not empty. Every image is decoded, converted to RGB, downscaled to a short
 side of at most `--max_side` and re-encoded as JPEG. An unreadable image or
-an empty caption is skipped, counted and its key logged; the run ends with
+an empty caption is skipped, counted and logged with its key, the file or
+tar member it came from, and why (`skipped KEY (SHARD.tar: KEY.jpg): corrupt
+(cannot identify image file)`); the run ends with
 `written N, skipped M (corrupt K, empty caption L)`. Inputs are cut into
 shards of `--shard_size` in input order; a re-run skips finished shards.
 
@@ -134,12 +136,15 @@ def _utf8(caption: str) -> str:
 
 def reencode(image_bytes: bytes, max_side: int, quality: int = 90) -> bytes:
   """JPEG bytes of the image with its short side at most `max_side`."""
+  if not image_bytes:
+    raise Skip("corrupt", "no image data")
   try:
     image = Image.open(io.BytesIO(image_bytes))
     image.load()
     image = image.convert("RGB")
   except Exception as e:  # PIL raises many types for bad bytes
-    raise Skip("corrupt") from e
+    why = re.sub(r" ?<_io\.BytesIO object at \w+>", "", " ".join(str(e).split()))
+    raise Skip("corrupt", why or type(e).__name__) from e
   short = min(image.size)
   if short > max_side:
     scale = max_side / short
@@ -150,8 +155,9 @@ def reencode(image_bytes: bytes, max_side: int, quality: int = 90) -> bytes:
   return out.getvalue()
 
 
-# Each source yields cheap descriptors; `load` turns one into
-# `(key, image bytes, caption, extra fields)`, in the shard's worker.
+# Each source yields cheap descriptors; `load` turns one into `(key, image
+# bytes, caption, extra fields, origin)`, in the shard's worker. `origin`
+# names the input for a skip's log line: the image file, or the tar member.
 
 def synthetic_source(args, damaged):
   del damaged
@@ -159,7 +165,7 @@ def synthetic_source(args, damaged):
 
 
 def _load_synthetic(seed, size, index):
-  return synthetic.example(seed, index, size)
+  return (*synthetic.example(seed, index, size), f"synthetic example {index}")
 
 
 def table_source(args, damaged):
@@ -187,12 +193,13 @@ def _table_items(args, paths):
 
 def _load_file(item):
   key, path, caption, syn_caption = item
+  origin = path
   try:
     with open(path, "rb") as f:
       image = f.read()
-  except OSError:
-    image = b""
-  return key, image, caption, {"syn_caption": syn_caption}
+  except OSError as e:
+    image, origin = b"", f"{path}: {e.strerror}"
+  return key, image, caption, {"syn_caption": syn_caption}, origin
 
 
 def webdataset_source(args, damaged):
@@ -213,7 +220,7 @@ def webdataset_items(paths, damaged: list):
             continue
           key, _, ext = member.name.rpartition("/")[2].partition(".")
           if key != current and group:
-            yield _webdataset_item(current, group)
+            yield _webdataset_item(path, current, group)
             group = {}
           current = key
           group[ext] = tar.extractfile(member).read()
@@ -224,13 +231,14 @@ def webdataset_items(paths, damaged: list):
       damaged.append({"file": path, "why": why})
       logging.warning("%s is damaged (%s): the samples after the damage are missing", path, why)
     if group:
-      yield _webdataset_item(current, group)
+      yield _webdataset_item(path, current, group)
 
 
-def _webdataset_item(key, group):
-  image = next((group[e] for e in ("jpg", "jpeg", "png", "webp") if e in group), b"")
+def _webdataset_item(path, key, group):
+  ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in group), None)
+  origin = f"{path}: {key}.{ext}" if ext else f"{path}: {key} (no .jpg, .png or .webp member)"
   text = lambda ext: group.get(ext, b"").decode("utf-8", errors="surrogateescape")
-  return key, image, text("txt"), {"syn_caption": text("syn.txt")}
+  return key, group.get(ext, b""), text("txt"), {"syn_caption": text("syn.txt")}, origin
 
 
 def _identity(item):
@@ -246,7 +254,7 @@ def _shard_records(items, load, max_side):
   how many records carry a synthetic caption."""
   out, stats = [], {"corrupt": 0, "empty_caption": 0, "syn_caption": 0, "skipped_keys": []}
   for item in items:
-    key, image, caption, extra = load(item)
+    key, image, caption, extra, origin = load(item)
     try:
       caption = _utf8(caption)
       if not caption:
@@ -259,7 +267,8 @@ def _shard_records(items, load, max_side):
     except Skip as skip:
       stats[skip.reason] += 1
       stats["skipped_keys"].append(key)
-      logging.warning("skipped %s: %s%s", key, skip.reason, f" ({skip.why})" if skip.why else "")
+      logging.warning("skipped %s (%s): %s%s", key, origin, skip.reason,
+                      f" ({skip.why})" if skip.why else "")
   return out, stats
 
 

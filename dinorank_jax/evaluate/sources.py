@@ -147,7 +147,8 @@ def folder_split(root: str) -> Split:
     try:
       with Image.open(path) as image:
         return {"image": transform.preprocess(image, side), "labels": {"label": label}}
-    except Exception:  # an unreadable file is skipped and counted, never fatal
+    except Exception as e:  # an unreadable file is skipped, named and counted, never fatal
+      logging.warning("skipped %s: %s", path, " ".join(str(e).split()) or type(e).__name__)
       return {}
 
   return Split(f"folder {root}", len(files), example, {"label": class_names(classes)})

@@ -288,10 +288,10 @@ def run(name: str, model, data_dir: str, *, batch_size: int = 256,
           model, embedded, imagenet_templates(), present_only=dataset.present_only)),
           present_only=dataset.present_only)
     if name.startswith("folder:"):
-      embedded = embed_split(model, folder_split(name[len("folder:"):]), batch_size=batch_size)
+      embedded = embed_split(model, folder_split(_directory(name)), batch_size=batch_size)
       return _ok(embedded, _prefixed("zero_shot", zero_shot(model, embedded, imagenet_templates())))
     if name.startswith("wds:"):
-      embedded = embed_split(model, wds_split(name[len("wds:"):]), batch_size=batch_size)
+      embedded = embed_split(model, wds_split(_directory(name)), batch_size=batch_size)
       if "captions" in embedded:
         return _ok(embedded, _prefixed("retrieval", retrieval(model, embedded)))
       templates = embedded["templates"] or imagenet_templates()
@@ -309,7 +309,7 @@ def run(name: str, model, data_dir: str, *, batch_size: int = 256,
       train, val, test = _probe_splits(model, dataset, data_dir, probe_limit, batch_size)
       return _ok(test, _prefixed("probe", _probe_metrics(train, val, test)))
     if name.startswith("records:"):
-      found, plots, held_out = _records_metrics(model, name[len("records:"):], batch_size)
+      found, plots, held_out = _records_metrics(model, _directory(name), batch_size)
       return _ok(held_out, found, plots)
     if name == "synthetic":
       found, plots, held_out = _records_metrics(model, os.path.join(data_dir, "val"), batch_size)
@@ -322,6 +322,13 @@ def run(name: str, model, data_dir: str, *, batch_size: int = 256,
   except Damaged as e:
     return {"status": f"skipped: damaged: {e}"}
   raise _unknown(name)
+
+
+def _directory(name: str) -> str:
+  """The DIR of `folder:DIR`, `wds:DIR` or `records:DIR`, made absolute: a
+  relative DIR is read from the current directory (not --data_dir), and a
+  report that it is missing says where it was looked for."""
+  return os.path.abspath(name.partition(":")[2])
 
 
 def _prefixed(group: str, found: dict) -> dict:
