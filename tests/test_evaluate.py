@@ -448,9 +448,11 @@ def test_cli_evaluates_the_synthetic_suite_writes_the_report_and_compares(tmp_pa
   for suite in ("imagenet", "coco"):
     assert results["models"]["export"]["suites"][suite]["status"].startswith("skipped: not found")
   assert "## synthetic: zero_shot (%)" in printed and "Not measured" in printed
-  for figure in report.FIGURES:
+  drawn = [f for f in report.FIGURES if f != "order_sweep.png"]     # one model: one order
+  for figure in drawn:
     assert (root / "report" / figure).stat().st_size > 1000, figure
-  assert results["figures"] == list(report.FIGURES)
+  assert results["figures"] == drawn and not (root / "report" / "order_sweep.png").exists()
+  assert "The order sweep needs models of two rank orders or more; these are all R = " in printed
   # The same numbers in CLIP_benchmark's records and names.
   bench = {(r["dataset"], r["task"]): r for r in
            (json.load(open(root / "report" / f)) for f in results["clip_benchmark"])}
@@ -473,6 +475,14 @@ def test_cli_evaluates_the_synthetic_suite_writes_the_report_and_compares(tmp_pa
   both = json.load(open(root / "both" / report.RESULTS))["models"]
   assert list(both) == ["export", "export (2)"]
   assert both["export (2)"]["suites"]["synthetic"]["metrics"] == found
+  # Reports of two rank orders: the sweep is drawn.
+  other = json.load(open(root / "report" / report.RESULTS))
+  other["models"]["export"]["model"]["source"]["rank_order"] += 1
+  os.makedirs(root / "other")
+  json.dump(other, open(root / "other" / report.RESULTS, "w"))
+  cli.main(["--compare", str(root / "report"), str(root / "other"), "--out", str(root / "sweep")])
+  assert json.load(open(root / "sweep" / report.RESULTS))["figures"] == list(report.FIGURES)
+  assert (root / "sweep" / "order_sweep.png").stat().st_size > 1000
   assert "| export (2) |" in open(root / "both" / "report.md").read()
 
 

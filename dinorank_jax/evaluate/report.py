@@ -4,11 +4,12 @@ its examples, skipped examples, compute dtype, each metric group with the
 chance level beside it, and the retrieval tie rule) and PNG figures, all drawn from the JSON alone so that
 `--compare` can put earlier evaluations side by side without a model.
 
-Figures: `order_sweep.png` (zero-shot top-1 against the rank order R of each
-model), `modality_gap.png` (both clouds on their first two principal axes,
-one panel per model), `fidelity.png` (the teacher–student Gram cosine
-histogram of each model) and `gram.png` (teacher and student Gram matrices
-of the first held-out images). `clip_benchmark/` holds the zero-shot and
+Figures: `order_sweep.png` (zero-shot top-1 against the rank order R, drawn
+when the models span two orders or more; the report says so otherwise),
+`modality_gap.png` (both clouds on their first two principal axes, one panel
+per model), `fidelity.png` (the teacher–student Gram cosine histogram of
+each model) and `gram.png` (teacher and student Gram matrices of the first
+held-out images, on one colour scale with its bar). `clip_benchmark/` holds the zero-shot and
 retrieval numbers again as CLIP_benchmark's JSON records
 (`evaluate.clip_benchmark`).
 """
@@ -127,8 +128,14 @@ def markdown(results: dict) -> str:
   if skipped:
     lines += ["## Not measured", "", *skipped, ""]
   figures = results.get("figures", [])
-  if figures:
-    lines += ["## Figures", "", *(f"![{f}]({f})" for f in figures), ""]
+  orders = sorted({_order(m) for m in models.values()} - {None})
+  if len(orders) == 1 and "order_sweep.png" not in figures:
+    figures_note = [f"The order sweep needs models of two rank orders or more; these are all "
+                    f"R = {orders[0]} (`--compare` reports of other orders to draw it).", ""]
+  else:
+    figures_note = []
+  if figures or figures_note:
+    lines += ["## Figures", "", *figures_note, *(f"![{f}]({f})" for f in figures), ""]
   return "\n".join(lines)
 
 
@@ -160,10 +167,17 @@ def _one_axes(path: str, draw, xlabel: str, ylabel: str) -> bool:
   return _save(fig, path)
 
 
+def _order(m: dict):
+  return m.get("model", {}).get("source", {}).get("rank_order")
+
+
 def _order_sweep(models: dict, path: str) -> bool:
+  """Drawn only across two rank orders or more: one order is a point, not a sweep."""
+  if len({_order(m) for m in models.values()} - {None}) < 2:
+    return False
   series = {}
   for name, m in models.items():
-    order = m.get("model", {}).get("source", {}).get("rank_order")
+    order = _order(m)
     if order is None:
       continue
     for suite, result in m["suites"].items():
@@ -178,6 +192,8 @@ def _order_sweep(models: dict, path: str) -> bool:
     for label, points in sorted(series.items()):
       points.sort()
       ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=label)
+    ax.set_xticks(sorted({p[0] for points in series.values() for p in points}))
+    ax.set_title("zero-shot top-1 by rank order (legend: suite and task)", fontsize=9)
 
   return _one_axes(path, draw, "rank order R", "zero-shot top-1 (%)")
 
@@ -186,14 +202,19 @@ def _gap_picture(models: dict, path: str) -> bool:
   plots = _plots(models, "gap")
   if not plots:
     return False
-  fig, axes = plt.subplots(1, len(plots), figsize=(4 * len(plots), 4), squeeze=False)
+  fig, axes = plt.subplots(1, len(plots), figsize=(max(5, 4 * len(plots)), 4.5), squeeze=False)
   for ax, (name, p) in zip(axes[0], plots.items()):
     image, text = np.asarray(p["image"]), np.asarray(p["text"])
-    ax.scatter(*image.T, s=4, alpha=0.5, label="image")
-    ax.scatter(*text.T, s=4, alpha=0.5, label="text")
-    ax.scatter(*image.mean(0), marker="x", c="k")
-    ax.scatter(*text.mean(0), marker="+", c="k")
+    # Hollow markers in two colours: where the clouds overlap, both stay visible.
+    ax.scatter(*image.T, s=10, marker="o", facecolors="none", edgecolors="tab:blue",
+               linewidths=0.5, alpha=0.6, label=f"image ({len(image)})")
+    ax.scatter(*text.T, s=10, marker="^", facecolors="none", edgecolors="tab:orange",
+               linewidths=0.5, alpha=0.6, label=f"text ({len(text)})")
+    ax.scatter(*image.mean(0), marker="X", s=80, c="tab:blue", edgecolors="k", label="image mean")
+    ax.scatter(*text.mean(0), marker="P", s=80, c="tab:orange", edgecolors="k", label="text mean")
     ax.set_title(name, fontsize=9)
+    ax.set_xlabel("principal axis 1 (unit-norm embeddings)", fontsize=8)
+    ax.set_ylabel("principal axis 2", fontsize=8)
     ax.set_aspect("equal", "datalim")
   axes[0][0].legend(fontsize=7)
   fig.suptitle("modality gap: both clouds on their first two principal axes", fontsize=9)
@@ -220,16 +241,24 @@ def _grams(models: dict, path: str) -> bool:
     return False
   teacher = np.asarray(next(iter(plots.values()))["teacher_gram"])
   rows = [("teacher", teacher), *((n, np.asarray(p["student_gram"])) for n, p in plots.items())]
-  fig, axes = plt.subplots(len(rows), len(teacher), figsize=(2.2 * len(teacher), 2.2 * len(rows)),
-                           squeeze=False)
+  values = np.concatenate([np.ravel(g) for _, grams in rows for g in grams])
+  fig, axes = plt.subplots(len(rows), len(teacher),
+                           figsize=(2.2 * len(teacher) + 1, 2.2 * len(rows)), squeeze=False)
   for r, (name, grams) in enumerate(rows):
     for c, gram in enumerate(grams):
-      axes[r][c].imshow(gram, cmap="viridis")
+      shown = axes[r][c].imshow(gram, cmap="viridis", vmin=min(values.min(), 0.0),
+                                 vmax=values.max())
       axes[r][c].set_xticks([])
       axes[r][c].set_yticks([])
+      if r == 0:
+        axes[r][c].set_title(f"image {c + 1}", fontsize=8)
     axes[r][0].set_ylabel(name, fontsize=8)
-  fig.suptitle("patch Gram matrices of held-out images", fontsize=9)
-  return _save(fig, path)
+  fig.suptitle("patch Gram matrices of held-out images (patch × patch)", fontsize=9)
+  fig.tight_layout()
+  fig.colorbar(shown, ax=axes, shrink=0.8, label="patch cosines, each row scaled to unit norm")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
 
 
 FIGURES = {"order_sweep.png": _order_sweep, "modality_gap.png": _gap_picture,
