@@ -194,3 +194,16 @@ def test_order_ratios_are_to_order_0_and_judged_against_the_paper():
   assert "ratio" not in table[1]                                            # a copy
   # `--orders 3` alone: the rows stand, without ratios.
   assert step.add_order_ratios(table[1:]) == table[1:]
+
+
+def test_a_verdict_never_contradicts_the_printed_ratio():
+  """A ratio that misses its target by less than the last printed place is
+  printed with a place more: `1.265 1.26 MISSED`, never `1.26 1.26 MISSED`."""
+  from dinorank_jax.bench import step
+  row = {"model": "order 3", "ms": 10.0, "ratio": 1.2649, "paper_ratio": 1.26, "met": False,
+         "mfu": None, "temp_mib": 1.0, "tflop_per_step": 0.1, "tflops": 0.01}
+  line = step.format_table([row], "t").splitlines()[-1]
+  assert "1.265" in line.split() and "MISSED" in line
+  from dinorank_jax.bench import data as data_suite
+  row = {"loop": "pipeline", "samples_s": 100.0, "of_bare": 0.7996, "cpu_us": 5.0, "met": False}
+  assert "0.7996" in data_suite.format_table([row], "t").split()

@@ -35,6 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import psutil
 
+from dinorank_jax.bench import against
 from dinorank_jax.data import build, synthetic
 
 SIDE = 384                        # input images; the builder stores 256 px
@@ -144,10 +145,10 @@ def format_table(result: dict, title: str) -> str:
                   f"{'bare pairs/s':>14}{'of bare':>9}"]
   for r in result["rows"]:
     lines.append(f"{r['scale']:>4}x{r['pairs']:>8}{r['tars']:>6}{r['peak_rss_mib']:>14.0f}"
-                 f"{r['build_pairs_s']:>15.0f}{r['bare_pairs_s']:>14.0f}{r['of_bare']:>9.2f}")
+                 f"{r['build_pairs_s']:>15.0f}{r['bare_pairs_s']:>14.0f}{against(r['of_bare'], RATE_TARGET):>9}")
   verdict = lambda met: "met" if met else "MISSED"
   lines.append(f"peak RSS {result['rows'][-1]['scale']}x / {result['rows'][0]['scale']}x: "
-               f"{result['rss_ratio']:.2f} [{verdict(result['rss_met'])}] target <= {RSS_TARGET}; "
+               f"{against(result['rss_ratio'], RSS_TARGET)} [{verdict(result['rss_met'])}] target <= {RSS_TARGET}; "
                f"build of bare at every scale [{verdict(result['rate_met'])}] target >= "
                f"{RATE_TARGET}")
   return "\n".join(lines)

@@ -28,7 +28,7 @@ import numpy as np
 
 from dinorank_jax import config as config_lib
 from dinorank_jax import compilation, optim, parallel
-from dinorank_jax.bench import flops
+from dinorank_jax.bench import against, flops
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH
 from dinorank_jax.optim import WARM_START_EPOCHS
 from dinorank_jax.step import Objective, TrainProgram, TrainState, build
@@ -271,7 +271,7 @@ def format_table(table, title) -> str:
   lines = [title, f"{'model':<10}{'ms':>10}{'ratio':>7}{'paper':>7}{'target':>8}"
                   f"{'temp MiB':>10}{'TFLOP':>9}{'TFLOP/s':>9}{'MFU':>7}"]
   for r in table:
-    ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
+    ratio = "" if "ratio" not in r else against(r["ratio"], r.get("paper_ratio", r["ratio"]))
     paper = f"{r['paper_ratio']:.2f}" if "paper_ratio" in r else ""
     verdict = ("met" if r["met"] else "MISSED") if "met" in r else ""
     mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
