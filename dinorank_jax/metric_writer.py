@@ -57,6 +57,6 @@ class MetricWriter:
 
 
 def _wandb_run(workdir: str, arguments: dict):
-  import wandb  # pylint: disable=import-outside-toplevel  # train.validate checked it is there
+  import wandb  # pylint: disable=import-outside-toplevel  # config_checks.validate checked it is there
   run_id = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]
   return wandb.init(dir=workdir, id=run_id, resume="allow", **arguments)

@@ -1,6 +1,6 @@
-"""Records, builders, the crop-aligned pipeline and the teacher's PCA (method §7)."""
+"""Records, builders and the crop-aligned pipeline (method §7); the teacher
+export's tests are test_teacher.py's."""
 
-import argparse
 import io
 import json
 import logging
@@ -12,23 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinorank_jax.data import build, pipeline, records, synthetic, verify
+from dinorank_jax.data import build, pipeline, records, synthetic
 from dinorank_jax.losses import distill
 from dinorank_jax.data.tokenizer import TextTokenizer
-from dinorank_jax.teacher.pca import fit_pca, project
-
-
-def _jpeg(array, quality=95):
-  out = io.BytesIO()
-  Image.fromarray(array).save(out, format="JPEG", quality=quality)
-  return out.getvalue()
-
-
-def _build_args(**kw):
-  args = build.parser().parse_args(["--source", kw.pop("source"), "--out", kw.pop("out")])
-  for k, v in kw.items():
-    setattr(args, k, v)
-  return args
+from tests import tiny_corpus
+from tests.tiny_corpus import build_args
 
 
 EOT = 49407
@@ -81,7 +69,8 @@ def test_crop_alignment_of_image_and_teacher_grid():
     tx, ty = np.meshgrid((np.arange(w_t) + 0.5) / w_t, (np.arange(h_t) + 0.5) / h_t)
     teacher = np.stack([tx, ty], -1).astype(np.float16)
     record = records.encode_record({
-        "jpeg": _jpeg(pixels), "tokens": np.zeros(77, np.int32), "teacher_patches": teacher,
+        "jpeg": tiny_corpus.jpeg(pixels), "tokens": np.zeros(77, np.int32),
+        "teacher_patches": teacher,
         "teacher_cls": np.zeros(4, np.float16), "teacher_text_tokens": np.zeros((2, 3), np.float16),
         "teacher_text_mask": np.ones(2, bool), "teacher_text_pooled": np.zeros(3, np.float16)})
     decode = pipeline.Decode(image_size=64, seed=5, crop_scale=(0.1, 1.0))
@@ -109,13 +98,6 @@ def test_crop_alignment_of_image_and_teacher_grid():
   assert directions == {-1, 1}
 
 
-def _synthetic(tmp_path, num=64, **kw):
-  out = str(tmp_path / "syn")
-  build.build(_build_args(source="synthetic", out=out, num=num, shard_size=16, workers=1,
-                          image_size=48, **kw))
-  return out
-
-
 def _ids(batches):
   """Record ids: the records of these tests carry their id in every token."""
   return [int(t) for b in batches for t in b["tokens"][:, 1]]
@@ -123,7 +105,7 @@ def _ids(batches):
 
 def test_processes_read_their_rows_of_the_same_global_batches(tmp_path):
   directory = str(tmp_path / "ids")
-  recs = [{"key": f"{i}", "jpeg": _jpeg(np.full((8, 8, 3), i, np.uint8)), "caption": "x",
+  recs = [{"key": f"{i}", "jpeg": tiny_corpus.jpeg(np.full((8, 8, 3), i, np.uint8)), "caption": "x",
            "tokens": _tokens(i)} for i in range(40)]
   _write_dataset(directory, recs)
   make = lambda p, n: iter(pipeline.make_dataset(directory, batch_size=8 // n, image_size=8,
@@ -139,7 +121,7 @@ def test_processes_read_their_rows_of_the_same_global_batches(tmp_path):
 
 
 def test_restored_iterator_continues_exactly(tmp_path):
-  directory = _synthetic(tmp_path)
+  directory = tiny_corpus.synthetic(tmp_path)
   make = lambda: iter(pipeline.make_dataset(directory, batch_size=8, image_size=16, seed=1))
   full = make()
   reference = [next(full) for _ in range(12)]       # past one epoch of 64 records
@@ -156,7 +138,7 @@ def test_restored_iterator_continues_exactly(tmp_path):
 
 
 def test_builders_skip_and_count_bad_inputs(tmp_path, caplog):
-  good = _jpeg(np.full((300, 400, 3), 120, np.uint8))
+  good = tiny_corpus.jpeg(np.full((300, 400, 3), 120, np.uint8))
   (tmp_path / "a.jpg").write_bytes(good)
   (tmp_path / "b.jpg").write_bytes(b"\xff\xd8 not a jpeg")
   (tmp_path / "c.jpg").write_bytes(good)
@@ -164,7 +146,7 @@ def test_builders_skip_and_count_bad_inputs(tmp_path, caplog):
   table.write_text("image\tcaption\na.jpg\ta grey picture\nb.jpg\tbroken\nc.jpg\t   \n"
                    "missing.jpg\tno file\n")
   with caplog.at_level(logging.WARNING):
-    meta = build.build(_build_args(source="tsv", input=str(table), out=str(tmp_path / "t"),
+    meta = build.build(build_args(source="tsv", input=str(table), out=str(tmp_path / "t"),
                                    workers=1))
   assert meta["counts"] == {"written": 1, "corrupt": 2, "empty_caption": 1, "syn_caption": 0}
   assert f"skipped 000000001 ({tmp_path / 'b.jpg'}): corrupt (" in caplog.text   # PIL's reason
@@ -177,7 +159,7 @@ def test_builders_skip_and_count_bad_inputs(tmp_path, caplog):
 
   _tar(tmp_path / "00000.tar", [(key, {"jpg": image, "txt": text}) for key, image, text in
                                 (("k1", good, b"a cat"), ("k2", b"junk", b"a dog"), ("k3", good, b""))])
-  meta = build.build(_build_args(source="webdataset", input=str(tmp_path / "*.tar"),
+  meta = build.build(build_args(source="webdataset", input=str(tmp_path / "*.tar"),
                                  out=str(tmp_path / "w"), workers=1))
   assert meta["counts"] == {"written": 1, "corrupt": 1, "empty_caption": 1, "syn_caption": 0}
 
@@ -192,14 +174,14 @@ def _tar(path, samples):
 
 
 def test_synthetic_captions_from_every_source_reach_alip_batches(tmp_path):
-  good = _jpeg(np.full((40, 40, 3), 120, np.uint8))
+  good = tiny_corpus.jpeg(np.full((40, 40, 3), 120, np.uint8))
   rows = ["image\tcaption\tsyn_caption"]
   for i in range(4):
     (tmp_path / f"{i}.jpg").write_bytes(good)
     rows.append(f"{i}.jpg\tgrey picture {i}\t" + (f"a  plain grey square {i}" if i < 3 else " "))
   (tmp_path / "pairs.tsv").write_text("\n".join(rows) + "\n")
   out = str(tmp_path / "t")
-  meta = build.build(_build_args(source="tsv", input=str(tmp_path / "pairs.tsv"), out=out,
+  meta = build.build(build_args(source="tsv", input=str(tmp_path / "pairs.tsv"), out=out,
                                  workers=1))
   assert meta["counts"]["written"] == 4 and meta["counts"]["syn_caption"] == 3
   recs = [records.decode_record(r) for r in records.read_shard(records.shard_paths(out)[0])]
@@ -224,7 +206,7 @@ def test_synthetic_captions_from_every_source_reach_alip_batches(tmp_path):
 
   _tar(tmp_path / "00000.tar", [("k1", {"jpg": good, "txt": b"a cat", "syn.txt": b"a grey square"}),
                                 ("k2", {"jpg": good, "txt": b"a dog"})])
-  meta = build.build(_build_args(source="webdataset", input=str(tmp_path / "*.tar"),
+  meta = build.build(build_args(source="webdataset", input=str(tmp_path / "*.tar"),
                                  out=str(tmp_path / "w"), workers=1))
   assert meta["counts"]["written"] == 2 and meta["counts"]["syn_caption"] == 1
   recs = [records.decode_record(r)
@@ -233,7 +215,7 @@ def test_synthetic_captions_from_every_source_reach_alip_batches(tmp_path):
 
 
 def test_pipeline_skips_bad_records_and_fails_on_a_broken_source(tmp_path):
-  good = {"key": "g", "jpeg": _jpeg(np.zeros((8, 8, 3), np.uint8)), "caption": "x",
+  good = {"key": "g", "jpeg": tiny_corpus.jpeg(np.zeros((8, 8, 3), np.uint8)), "caption": "x",
           "tokens": _tokens()}
   bad = {**good, "jpeg": b"garbage"}
   _write_dataset(str(tmp_path / "few"), [good] * 30 + [bad] * 2)
@@ -261,132 +243,9 @@ def test_synthetic_corpus_is_deterministic_and_labelled(tmp_path):
       assert synthetic.TASKS["colour"][extra["labels"]["colour"]] in text
       assert synthetic.TASKS["shape"][extra["labels"]["shape"]] in text
     assert extra["syn_caption"] != caption
-  meta = json.loads(open(os.path.join(_synthetic(tmp_path, num=40), "metadata.json")).read())
+  meta = records.read_metadata(tiny_corpus.synthetic(tmp_path, num=40))
   assert meta["counts"]["written"] == meta["counts"]["syn_caption"] == 40
   assert len(meta["zero_shot_tasks"]["colour_shape_texture"]) == 120
-
-
-def test_pca_reconstructs_a_rank_256_signal_exactly():
-  rng = np.random.default_rng(0)
-  signal = rng.normal(size=(2048, 256)) @ rng.normal(size=(256, 1024)) + 3.0
-  mean, components = fit_pca(signal, 256)
-  assert components.shape == (256, 1024)
-  np.testing.assert_allclose(components @ components.T, np.eye(256), atol=1e-9)
-  rebuilt = project(signal, mean, components) @ components + mean
-  np.testing.assert_allclose(rebuilt, signal, atol=1e-8)
-
-
-def test_teacher_text_features_do_not_depend_on_the_batch_or_its_padding():
-  """Captions encoded in length-sorted batches padded to their longest equal
-  each caption encoded alone at the full length: the same states where the
-  mask is set (to float32 rounding of the other matmul shapes), zeros after,
-  the masked mean as the pooled vector, in the captions' order."""
-  import torch
-  from dinorank_jax.teacher import export
-  model, tokenizer, _ = export.load_text_teacher(export.MINILM)
-  captions = ["a red square", "a small blue circle on a striped green background, seen from far",
-              "dots", "a yellow triangle beside a purple star", "", "a cat"]
-  tokens, mask, pooled = export.text_features(model, tokenizer, captions, 16, 2, "cpu")
-  assert tokens.shape == (6, 16, 384) and mask.shape == (6, 16) and pooled.shape == (6, 384)
-  for i, caption in enumerate(captions):
-    enc = tokenizer([caption], padding="max_length", truncation=True, max_length=16,
-                    return_tensors="pt")
-    with torch.no_grad():
-      alone = model(**enc).last_hidden_state[0].numpy()
-    valid = enc["attention_mask"][0].numpy().astype(bool)
-    np.testing.assert_array_equal(mask[i], valid)
-    # Six layers of float32 at states of order 1: 1e-5 is a few hundred ulps.
-    np.testing.assert_allclose(tokens[i][valid], alone[valid], rtol=1e-4, atol=1e-5)
-    assert not tokens[i][~valid].any()
-    np.testing.assert_allclose(pooled[i], alone[valid].mean(0), rtol=1e-4, atol=1e-5)
-
-
-def test_a_teacher_path_that_is_not_a_local_checkpoint_is_one_line_before_anything_is_written(
-    tmp_path):
-  from dinorank_jax.teacher import export
-  (tmp_path / "empty").mkdir()
-
-  def mistake(*flags):
-    with pytest.raises(SystemExit) as exit_:
-      export.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), *flags])
-    message = str(exit_.value.code)
-    assert message.startswith("error: ") and len(message.splitlines()) == 1, message
-    assert not (tmp_path / "out").exists()
-    return message
-
-  assert mistake("--image_teacher", str(tmp_path / "dinov3")) == (
-      f"error: --image_teacher {tmp_path / 'dinov3'} is not a directory: pass a local "
-      "transformers checkpoint directory, with config.json and its weights; docs/data.md has "
-      "the recipe")
-  assert "huggingface-cli download facebook/dinov3-vitl16 --local-dir DIR" in mistake(
-      "--image_teacher", "facebook/dinov3-vitl16")
-  assert f"--text_teacher {tmp_path / 'empty'} is a directory without config.json" in mistake(
-      "--image_teacher", "tiny-untrained", "--text_teacher", str(tmp_path / "empty"))
-
-
-def test_teacher_export_on_the_tiny_teacher(tmp_path):
-  from dinorank_jax.teacher import export
-  directory = _synthetic(tmp_path, num=24)
-  second = records.shard_paths(directory)[1]
-  recs = [dict(records.decode_record(r)) for r in records.read_shard(second)]
-  recs[4]["jpeg"] = b"not a jpeg"                               # record 20: exported, skipped
-  records.write_shard(directory, 1, recs, {})
-  out = str(tmp_path / "teacher")
-  meta = export.export(argparse.Namespace(
-      data=directory, out=out, image_teacher=export.TINY_TEACHER, text_teacher=export.MINILM,
-      image_size=64, pca_dim=256, pca_images=16, text_length=16, batch_size=8, overwrite=False))
-  assert meta["teacher"]["grid"] == [4, 4] and meta["teacher"]["pca_dim"] == 64
-  rec = records.decode_record(records.read_shard(records.shard_paths(out)[0])[0])
-  # The teacher's fields only: the images stay in --data, stored once.
-  assert set(rec) == {"key", *records.TEACHER_FIELDS} and meta["images"] == "../syn"
-  assert rec["teacher_patches"].shape == (4, 4, 64) and rec["teacher_patches"].dtype == np.float16
-  assert rec["teacher_cls"].shape == (64,) and rec["teacher_text_tokens"].shape == (16, 384)
-  assert rec["teacher_text_mask"].dtype == bool and rec["teacher_text_pooled"].shape == (384,)
-  assert np.isfinite(rec["teacher_patches"].astype(np.float32)).all()
-
-  # Readers join the two by index: every batch has the image and its features.
-  batch = next(iter(pipeline.make_dataset(out, batch_size=8, image_size=16, seed=0,
-                                          num_epochs=1, shuffle=False)))
-  source = [records.decode_record(r) for r in records.read_shard(records.shard_paths(directory)[0])]
-  np.testing.assert_array_equal(batch["tokens"], [r["tokens"] for r in source[:8]])
-  np.testing.assert_array_equal(batch["teacher_cls"][0], rec["teacher_cls"])
-  checked = verify.verify(out, log=lambda line: None)
-  assert checked["ok"] == 23 and checked["skipped"]["invalid"] == 1
-  assert "shard-00001.array_record #4 (key 'syn-0-0000020'): field 'teacher_patches' missing" in checked["bad"][0]
-
-  # The pair moves together (the path is relative); a rebuilt image dataset is refused.
-  moved = tmp_path.parent / f"{tmp_path.name}-moved"
-  os.rename(tmp_path, moved)
-  assert records.Shards(str(moved / "teacher")).images == str(moved / "syn")
-  build.build(_build_args(source="synthetic", out=str(moved / "syn"), num=24, shard_size=16,
-                          workers=1, image_size=48, seed=1, overwrite=True))
-  with pytest.raises(records.DataError, match=r"syn was rebuilt after the teacher features in "
-                     r".*teacher were exported from it: rerun .*teacher.export with --overwrite"):
-    records.Shards(str(moved / "teacher"))
-
-
-def test_teacher_pixels_follow_its_processor_config(tmp_path):
-  from dinorank_jax.teacher import export
-  model, _ = export.load_image_teacher(export.TINY_TEACHER)
-  model.save_pretrained(tmp_path / "teacher")
-  (tmp_path / "teacher" / export.PROCESSOR_CONFIG).write_text(json.dumps(
-      {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.5], "resample": 2,
-       "size": {"height": 32, "width": 32}}))
-  prep = export.Preprocessing.of(str(tmp_path / "teacher"))
-  assert prep == export.Preprocessing((0.5, 0.4, 0.3), (0.2, 0.25, 0.5), 2, 32)
-  assert export.Preprocessing.of(str(tmp_path / "teacher"), 48).size == 48
-  assert export.Preprocessing.of(export.TINY_TEACHER) == export.Preprocessing()
-  jpeg = _jpeg(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
-  resized = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB").resize((32, 32),
-                                                                          Image.BILINEAR))
-  expected = (resized / 255.0 - [0.5, 0.4, 0.3]) / [0.2, 0.25, 0.5]
-  got = export.pixels([export.resized(jpeg, prep)], prep)[0].permute(1, 2, 0).numpy()
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-  meta = export.export(argparse.Namespace(
-      data=_synthetic(tmp_path, num=8), out=str(tmp_path / "t"),
-      image_teacher=str(tmp_path / "teacher"), text_teacher=export.MINILM, image_size=None,
-      pca_dim=8, pca_images=8, text_length=8, batch_size=8, overwrite=False))
-  assert meta["teacher"]["grid"] == [2, 2] and meta["teacher"]["image_mean"] == [0.5, 0.4, 0.3]
 
 
 def test_brace_patterns_name_shards_and_the_build_window_is_bounded(tmp_path):
@@ -446,8 +305,8 @@ def _one_line_build(*argv) -> str:
 
 
 def test_damaged_or_missing_inputs_are_named_never_silently_fewer(tmp_path, caplog):
-  good = _jpeg(np.full((40, 40, 3), 120, np.uint8))
-  noise = _jpeg(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+  good = tiny_corpus.jpeg(np.full((40, 40, 3), 120, np.uint8))
+  noise = tiny_corpus.jpeg(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
   samples = [(f"k{i}", {"jpg": noise, "txt": f"picture {i}".encode()}) for i in range(8)]
   _tar(tmp_path / "00000.tar", samples[:4])
   _tar(tmp_path / "00001.tar", samples[4:])
@@ -464,7 +323,7 @@ def test_damaged_or_missing_inputs_are_named_never_silently_fewer(tmp_path, capl
   boundary = second.offset_data + -(-second.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
   (tmp_path / "00004.tar").write_bytes((tmp_path / "00004.tar").read_bytes()[:boundary])
   with caplog.at_level(logging.WARNING):
-    meta = build.build(_build_args(source="webdataset", input=str(tmp_path / "0000[0-4].tar"),
+    meta = build.build(build_args(source="webdataset", input=str(tmp_path / "0000[0-4].tar"),
                                    out=str(tmp_path / "w"), workers=1))
   damaged = {os.path.basename(d["file"]): d["why"] for d in meta["damaged_inputs"]}
   assert sorted(damaged) == ["00001.tar", "00002.tar", "00004.tar"]
@@ -510,7 +369,7 @@ def test_regenerated_inputs_under_the_same_names_are_another_build(tmp_path):
   """`build.json` holds a fingerprint of the inputs, so tars rebuilt under
   the same names are not resumed as the old dataset, and teacher features
   exported from the old images do not join the new ones."""
-  good = _jpeg(np.full((40, 40, 3), 120, np.uint8))
+  good = tiny_corpus.jpeg(np.full((40, 40, 3), 120, np.uint8))
   _tar(tmp_path / "00000.tar", [("k0", {"jpg": good, "txt": b"old caption"})])
   argv = ["--source", "webdataset", "--input", str(tmp_path / "{00000..00000}.tar"),
           "--out", str(tmp_path / "w"), "--workers", "1"]

@@ -2,9 +2,11 @@
 torch (the teacher export has its own test): seeded Gaussian features of
 the shapes the export writes."""
 
+import io
 import os
 
 import numpy as np
+from PIL import Image
 
 from dinorank_jax.data import build, records
 
@@ -47,3 +49,25 @@ def corpora(root: str, *, num_train: int, num_eval: int = 64, poison: bool = Fal
   corpus(os.path.join(root, "train"), num=num_train, poison=poison)
   corpus(os.path.join(root, "val"), num=num_eval, seed=1)
   return root
+
+
+def jpeg(array: np.ndarray, quality: int = 95) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(array).save(out, format="JPEG", quality=quality)
+  return out.getvalue()
+
+
+def build_args(**kw):
+  """`data.build`'s arguments: `source` and `out`, then any field set."""
+  args = build.parser().parse_args(["--source", kw.pop("source"), "--out", kw.pop("out")])
+  for k, v in kw.items():
+    setattr(args, k, v)
+  return args
+
+
+def synthetic(tmp_path, num: int = 64, **kw) -> str:
+  """A synthetic dataset of `num` 48-px scenes in shards of 16, at `tmp_path/syn`."""
+  out = str(tmp_path / "syn")
+  build.build(build_args(source="synthetic", out=out, num=num, shard_size=16, workers=1,
+                         image_size=48, **kw))
+  return out
