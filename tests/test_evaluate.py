@@ -484,21 +484,3 @@ def test_cli_evaluates_the_synthetic_suite_writes_the_report_and_compares(tmp_pa
   assert json.load(open(root / "sweep" / report.RESULTS))["figures"] == list(report.FIGURES)
   assert (root / "sweep" / "order_sweep.png").stat().st_size > 1000
   assert "| export (2) |" in open(root / "both" / "report.md").read()
-
-
-def test_cli_names_the_fix_for_bad_arguments(tmp_path):
-  """One `error:` line (status 1) for each, naming the fix."""
-  def mistake(*argv):
-    with pytest.raises(SystemExit) as exit_:
-      cli.main(list(argv))
-    message = str(exit_.value.code)
-    assert message.startswith("error: ") and len(message.splitlines()) == 1, message
-    return message
-
-  assert "python -m dinorank_jax.export" in mistake("--model", str(tmp_path),
-                                                    "--out", str(tmp_path / "r"))
-  assert "python -m dinorank_jax.evaluate" in mistake("--compare", str(tmp_path),
-                                                      "--out", str(tmp_path / "r"))
-  assert "unknown suite 'nope': pick from imagenet" in mistake(
-      "--model", str(tmp_path), "--suite", "nope", "--out", str(tmp_path / "r"))
-  assert "the following arguments are required" in mistake()

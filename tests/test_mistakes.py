@@ -221,3 +221,22 @@ def test_every_config_field_an_error_names_exists():
   assert len(named) > 20
   missing = sorted(n for n in named if n not in known)
   assert not missing, missing
+
+
+def test_cli_names_the_fix_for_bad_arguments(tmp_path):
+  """`evaluate`'s mistakes: one `error:` line (status 1) for each, naming the fix."""
+  from dinorank_jax.evaluate import __main__ as evaluate
+  def mistake(*argv):
+    with pytest.raises(SystemExit) as exit_:
+      evaluate.main(list(argv))
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and len(message.splitlines()) == 1, message
+    return message
+
+  assert "python -m dinorank_jax.export" in mistake("--model", str(tmp_path),
+                                                    "--out", str(tmp_path / "r"))
+  assert "python -m dinorank_jax.evaluate" in mistake("--compare", str(tmp_path),
+                                                      "--out", str(tmp_path / "r"))
+  assert "unknown suite 'nope': pick from imagenet" in mistake(
+      "--model", str(tmp_path), "--suite", "nope", "--out", str(tmp_path / "r"))
+  assert "the following arguments are required" in mistake()
