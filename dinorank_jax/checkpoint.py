@@ -85,22 +85,26 @@ def check_params(saved: dict, wanted: dict, where: str) -> None:
                                "with the config the run was started with (its config.json)")
 
 
-class _NoMissingStepMetadata(logging.Filter):
-  """Orbax warns `Metadata file does not exist: …/_CHECKPOINT_METADATA` when
-  a checkpoint's item (`N/state`) is read on its own, as every resume and
-  export does: that optional file lives one level up, at `N/`, and nothing
-  is damaged. The warning is dropped; real damage is still reported."""
+class _OrbaxNotices(logging.Filter):
+  """Two orbax warnings that report nothing wrong, dropped (real damage is
+  still reported): `Metadata file does not exist: …/_CHECKPOINT_METADATA`
+  when a checkpoint's item (`N/state`) is read on its own, as every resume
+  and export does (that optional file lives one level up, at `N/`); and
+  `Type handler registry type … overriding …` when `whole_replicas_on_cpu`
+  replaces the array handler, as it means to."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Metadata file does not exist")
+    message = str(record.msg)
+    return not (message.startswith("Metadata file does not exist")
+                or message.startswith("Type handler registry type"))
 
 
 def quiet_orbax_noise() -> None:
-  """Installs `_NoMissingStepMetadata` on absl's logger (orbax logs through
-  it) and `_closed_loop_errors_dropped` as the unraisable hook, once."""
+  """Installs `_OrbaxNotices` on absl's logger (orbax logs through it) and
+  `_closed_loop_errors_dropped` as the unraisable hook, once."""
   absl_log = logging.getLogger("absl")
-  if not any(isinstance(f, _NoMissingStepMetadata) for f in absl_log.filters):
-    absl_log.addFilter(_NoMissingStepMetadata())
+  if not any(isinstance(f, _OrbaxNotices) for f in absl_log.filters):
+    absl_log.addFilter(_OrbaxNotices())
   if not getattr(sys.unraisablehook, "drops_closed_loop_errors", False):
     sys.unraisablehook = _closed_loop_errors_dropped(sys.unraisablehook)
 

@@ -28,6 +28,8 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 # Programs that compile in a quarter second or more are worth a file.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.25")
+import dinorank_jax  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
+# (imported before anything imports JAX: the CUDA plugin's quiet start, cuda_plugin.py)
 
 pytest_plugins = ["tests.compile_times"]
 
