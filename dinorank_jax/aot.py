@@ -50,6 +50,11 @@ def device_memory(name: str) -> int:
   return int(re.search(r"device_memory_size:\s*(\d+)", target_config(name)).group(1))
 
 
+def memory_bandwidth(name: str) -> float:
+  """Bytes/s of device memory bandwidth of one device of target `name`."""
+  return float(re.search(r"memory_bandwidth:\s*(\d+)", target_config(name)).group(1))
+
+
 def plugin_available() -> bool:
   """JAX's CUDA plugin is installed (the gpu-aot extra's CUDA 12 one, or a
   GPU machine's CUDA 13 one)."""

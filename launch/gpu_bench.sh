@@ -8,7 +8,10 @@
 #   3. the step at orders 0-5 (ratios to order 0 beside the paper's Table 5),
 #      MFU, and the order-3 step with cuDNN attention and with the
 #      latency-hiding scheduler as A/Bs in the same rounds;
-#   4. the rank losses alone at one device's shape (bench.losses).
+#   4. the rank losses alone at one device's shape (bench.losses);
+#   5. with $TARGET, the order-3 step's predicted time for this many GPUs of
+#      that kind at $ROWS rows (bench --suite predict) beside the time step 3
+#      measured: their ratio is the efficiency to put in bench/predict.py.
 # Every suite's numbers are written to $OUT as soon as they are measured.
 #
 #   OUT=results launch/gpu_bench.sh                 # on the GPU machine
@@ -67,3 +70,21 @@ PY
 
 "$PYTHON" -m dinorank_jax.bench.losses --sizes "$LOSS_SIZES" --memory_size "$LOSS_SIZES" \
   --repeats 3 --json "$OUT/losses.json" 2>&1 | tee "$OUT/losses.log"
+
+if [ -n "$TARGET" ]; then
+  GPUS=$("$PYTHON" -c "import jax; print(jax.device_count())")
+  "$PYTHON" -m dinorank_jax.bench --suite predict --target "$TARGET" --device "$DEVICE" \
+    --gpus "$GPUS" --rows "$ROWS" --orders 3 ${MODEL:+--model "$MODEL"} \
+    --json "$OUT/predict.json" 2>&1 | tee "$OUT/predict.log"
+  "$PYTHON" - "$OUT" <<'PY' | tee "$OUT/predicted_vs_measured.txt"
+import json, sys
+out = sys.argv[1]
+predicted, = json.load(open(f"{out}/predict.json"))["predict"]
+measured = next(r for r in json.load(open(f"{out}/gpu.json"))["step"] if r["model"] == "order 3")
+ratio = predicted["bound_s"] / (measured["ms"] / 1000)
+print(f"order 3, {predicted['gpus']} x {predicted['target']}, {predicted['rows_per_gpu']} rows: "
+      f"predicted {1000 * predicted['step_s']:.1f} ms (bound {1000 * predicted['bound_s']:.1f} ms "
+      f"/ efficiency {predicted['efficiency']}), measured {measured['ms']:.1f} ms; "
+      f"measured efficiency {ratio:.3f}")
+PY
+fi

@@ -194,7 +194,9 @@ def test_gpu_bench_script_runs_end_to_end_at_a_tiny_shape(tmp_path):
   """With the plugin, the measured peak has the H200's AOT prediction beside
   it; without, `TARGET=` leaves that out and the rest still runs. The model
   without its students (`MODEL`): the script's path is the same for any model.
-  Slow: the script's four processes, an H200 compile among them, at 4 rows."""
+  With the plugin, the order-3 step's predicted time for as many H200s is written
+  beside the measured one (`bench --suite predict`). Slow: the script's
+  processes, two H200 compiles among them, at 4 rows."""
   target = "h200" if aot.plugin_available() else ""
   out = tmp_path / "out"
   env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "ROWS": "4", "ORDERS": "0,3",
@@ -214,3 +216,11 @@ def test_gpu_bench_script_runs_end_to_end_at_a_tiny_shape(tmp_path):
   assert set(steps) == {"order 0", "order 3",
                         "order 3 [attention=xla,xla_gpu_enable_latency_hiding_scheduler=true]"}
   assert (out / "losses.json").exists()
+  if target:
+    predicted, = json.loads((out / "predict.json").read_text())["predict"]
+    assert (predicted["gpus"], predicted["rows_per_gpu"], predicted["order"]) == (
+        steps["order 3"]["devices"], 4, 3)
+    assert predicted["step_s"] == predicted["bound_s"] / predicted["efficiency"] > 0
+    for label in ("lower bound ms", "MFU ceiling", "GPU-hours for the run", "decoding cores"):
+      assert label in (out / "predict.log").read_text(), label
+    assert "measured efficiency" in (out / "predicted_vs_measured.txt").read_text()

@@ -6,6 +6,7 @@
     python -m dinorank_jax.bench --suite compile --device gpu      # compile cost, any backend
     python -m dinorank_jax.bench --suite compile --target h100     # for 8 H100s, from any machine
     python -m dinorank_jax.bench --suite compile --target h100 --fit --json fit.json
+    python -m dinorank_jax.bench --suite predict --target h100 --gpus 8,64  # time and cost
 
 Suites (comma-separated, or `all`):
 
@@ -16,6 +17,11 @@ Suites (comma-separated, or `all`):
   GPUs of that kind from any machine (the `gpu-aot` extra), each program's
   peak per device set against the GPU's memory; `--fit` then searches the
   largest rows per device that fit, for every remat policy;
+* `predict`: the recipe's step compiled for `--gpus` GPUs of `--target`
+  from any machine and read: FLOPs, HBM bytes and collective bytes per GPU,
+  the roofline bound, the predicted step time, samples/s, hours and
+  GPU-hours per CC3M epoch and for the run, and the decoding cores each GPU
+  needs (`bench.predict`);
 * `memory`: the order-3 step alone, XLA's predicted peak per device against
   the allocator's measured peak (GPU) and, with `--target`, the peak
   predicted for that target from abstract shapes (run it in its own process:
@@ -53,10 +59,10 @@ import jax
 
 from dinorank_jax import aot, compilation, errors
 from dinorank_jax.bench import compile as compile_suite
-from dinorank_jax.bench import build, data, losses, step
+from dinorank_jax.bench import build, data, losses, predict, step
 from dinorank_jax.models.layers import REMAT_POLICIES
 
-SUITES = ("compile", "memory", "step", "mfu", "rank", "data", "build")
+SUITES = ("compile", "memory", "step", "mfu", "rank", "data", "build", "predict")
 
 
 def model_overrides(text: str) -> dict:
@@ -83,6 +89,14 @@ def parse(argv=None):
                  "from any machine (the gpu-aot extra); memory suite: its predicted peak "
                  "beside the measured one")
   p.add_argument("--devices", type=int, default=8, help="with --target: GPUs in the mesh")
+  p.add_argument("--gpus", default=",".join(map(str, predict.GPU_COUNTS)),
+                 help="predict suite: GPU counts, one column each")
+  p.add_argument("--records", type=int, default=predict.CC3M_RECORDS,
+                 help="predict suite: records an epoch reads (default: CC3M's training split)")
+  p.add_argument("--epochs", type=int, help="predict suite: epochs (default: the recipe's 64)")
+  p.add_argument("--usd_per_gpu_hour", type=float, help="predict suite: price of a GPU-hour")
+  p.add_argument("--data_rate", type=float, default=predict.DATA_SAMPLES_PER_CORE,
+                 help="predict suite: samples/s one core decodes (bench.data on your hosts)")
   p.add_argument("--ab", action="append", default=[], metavar="VARIANT",
                  help="step suite: also time the order-3 step under VARIANT, e.g. "
                  "attention=cudnn or xla_gpu_enable_latency_hiding_scheduler=true (repeatable)")
@@ -110,8 +124,10 @@ def parse(argv=None):
   unknown = set(args.suites) - set(SUITES)
   if unknown:
     p.error(f"unknown suite(s) {sorted(unknown)}: use 'all' or some of {SUITES}")
-  if args.target and args.suites not in (("compile",), ("memory",)):
-    p.error("--target goes with --suite compile or --suite memory alone")
+  if args.target and args.suites not in (("compile",), ("memory",), ("predict",)):
+    p.error("--target goes with --suite compile, memory or predict alone")
+  if "predict" in args.suites and (args.suites != ("predict",) or not args.target):
+    p.error("--suite predict goes alone, with --target h100|h200|a100")
   if args.fit and args.suites != ("compile",):
     p.error("--fit goes with --suite compile alone")
   if args.fit and not args.target:
@@ -134,10 +150,11 @@ def orders(text: str | None, default: str) -> tuple[int, ...]:
 @errors.guard
 def main(argv=None):
   args = parse(argv)
-  if args.suites == ("compile",) and args.target:
+  if args.suites in (("compile",), ("predict",)) and args.target:
     jax.config.update("jax_platforms", "cpu")   # the target's topology: no GPU here is used
   compilation.use_cache_from_flags(args)
-  if args.device == "gpu" and jax.default_backend() != "gpu" and set(args.suites) != {"compile"}:
+  if (args.device == "gpu" and jax.default_backend() != "gpu"
+      and set(args.suites) not in ({"compile"}, {"predict"})):
     raise SystemExit(f"--device gpu, but JAX's backend is {jax.default_backend()}: install "
                      "jax[cuda12] on a GPU machine, or use --device cpu")
   device = jax.devices()[0]
@@ -157,6 +174,18 @@ def main(argv=None):
                                        devices=args.devices, overrides=args.model)
     print(compile_suite.format_fit(results["fit"], f"\nlargest rows per device that fit "
                                    f"({args.device} shape{where})"))
+  elif "predict" in args.suites:
+    results["predict"] = []
+    for order in orders(args.orders, "3"):
+      for gpus in orders(args.gpus, ""):
+        results["predict"].append(predict.predict(
+            args.target, gpus, order=order, shape=args.device, rows=args.rows,
+            overrides=args.model,
+            records=args.records, epochs=args.epochs, usd_per_gpu_hour=args.usd_per_gpu_hour,
+            data_rate=args.data_rate))
+        save()
+    print(predict.format_table(results["predict"], f"\npredicted run on {args.target} "
+                               f"({args.model or 'default model'})"))
   elif "compile" in args.suites:
     results["compile"] = compile_suite.run(args.device, orders=orders(args.orders, "0,3"),
                                            rows=args.rows, overrides=args.model,

@@ -70,13 +70,14 @@ class Programs:
     return model, objective, optimizer, build(model, optimizer, objective, self.mesh,
                                               self.shape["image_size"])
 
-  def _report(self, jitted, *args) -> dict:
+  def _compile(self, jitted, *args) -> tuple:
+    """`(compiled, report)`: `compile_ahead`'s, for the target if there is one."""
     if not self.target:
-      return compilation.compile_ahead(jitted, *args)[1]
+      return compilation.compile_ahead(jitted, *args)
     with compilation.cache_off():
-      _, report = compilation.compile_ahead(jitted, *args,
-                                            compiler_options=aot.COMPILER_OPTIONS)
-    return report | aot.fit_report(report, aot.device_memory(self.target))
+      compiled, report = compilation.compile_ahead(jitted, *args,
+                                                   compiler_options=aot.COMPILER_OPTIONS)
+    return compiled, report | aot.fit_report(report, aot.device_memory(self.target))
 
   def batch(self, rows: int | None = None) -> dict:
     """The step's abstract batch at `rows` per device (default: the shape's)."""
@@ -85,12 +86,16 @@ class Programs:
 
   def compile_init(self, order: int = 3, **overrides) -> dict:
     program = self.program(order, **overrides)[-1]
-    return self._report(program.init, *program.inputs)
+    return self._compile(program.init, *program.inputs)[1]
 
   def compile_step(self, order: int, rows: int | None = None, **overrides) -> dict:
     """The train step at `rows` per device (default: the shape's)."""
+    return self.step_executable(order, rows, **overrides)[1]
+
+  def step_executable(self, order: int, rows: int | None = None, **overrides) -> tuple:
+    """`(compiled, report)` of the train step at `rows` per device."""
     program = self.program(order, **overrides)[-1]
-    return self._report(program.step, program.abstract, self.batch(rows), SCHEDULE)
+    return self._compile(program.step, program.abstract, self.batch(rows), SCHEDULE)
 
 
 def run(shape_name: str, *, orders=(0, 3), rows: int | None = None,
