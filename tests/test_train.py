@@ -113,9 +113,14 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypa
   config = tiny_config(root)
   config.epochs = 4                     # 16 steps: order 2 from step 12
   # The progress bar (its rate and ETA) starts once the step is compiled.
-  order, compile_fitting, bar = [], train._compile_fitting, train.tqdm
-  monkeypatch.setattr(train, "_compile_fitting",
-                      lambda *a, **k: (compile_fitting(*a, **k), order.append("compiled"))[0])
+  order, compile_fitting, bar, steps = [], train._compile_fitting, train.tqdm, []
+
+  def compile_ahead(*args, **kwargs):
+    compiled, report = compile_fitting(*args, **kwargs)
+    steps.append(compiled)
+    order.append("compiled")
+    return compiled, report
+  monkeypatch.setattr(train, "_compile_fitting", compile_ahead)
   monkeypatch.setattr(train, "tqdm", lambda *a, **k: (order.append("bar"), bar(*a, **k))[1])
   result = train.train_and_evaluate(config, workdir)
   assert order == ["compiled", "bar"]
@@ -132,12 +137,14 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypa
               "step_seconds", "samples_per_second", "grad_norm", "param_norm", "update_norm"):
     assert key in train_rows[-1], key
   assert train_rows[-1]["param_norm"] > train_rows[-1]["update_norm"] > 0
-  # Compiled once, ahead of the first step, and kept out of every step time
-  # (compiled, or read from the run's cache: lowering is never cached).
+  # Compiled once, ahead of the first step, and kept out of every step time:
+  # every step calls that executable, which cannot trace or compile again (a
+  # bound on the first step's seconds failed on a busy machine: its data
+  # pipeline starting up took as long as lowering).
   compiled = [m for m in logged if "compile/compile_seconds" in m]
   assert len(compiled) == 1 and compiled[0]["step"] == 0
   assert compiled[0]["compile/temp_bytes"] > 0 and compiled[0]["compile/equations"] > 0
-  assert train_rows[0]["step_seconds"] < compiled[0]["compile/lower_seconds"]
+  assert len(steps) == 1 and isinstance(steps[0], jax.stages.Compiled)
   assert train_rows[11]["active_order"] == 1 and train_rows[12]["active_order"] == 2
   assert "zero_shot/colour" in logged[-1]
   assert json.load(open(os.path.join(workdir, "config.json")))["batch_size"] == 32
