@@ -62,7 +62,8 @@ def test_a_cpu_machine_with_the_plugin_starts_quietly_and_still_compiles_for_the
           "compiled = jax.jit(jnp.sin).lower(\n"
           "    jax.ShapeDtypeStruct((8,), jnp.float32, sharding=h100)).compile()\n"
           "print(jax.devices()[0].platform, compiled.memory_analysis().output_size_in_bytes)")
-  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")}
+  env = {k: v for k, v in os.environ.items()   # nor the run's cache: a GPU program is not
+         if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL", "JAX_COMPILATION_CACHE_DIR")}
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        cwd=ROOT, timeout=120)
   assert out.returncode == 0 and out.stderr == "", out.stderr[-3000:]

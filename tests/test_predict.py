@@ -8,11 +8,18 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dinorank_jax import aot
+from dinorank_jax import aot, compilation
 from dinorank_jax.bench import hlo, predict
 
 needs_plugin = pytest.mark.skipif(not aot.plugin_available(),
                                   reason=f"GPU-target compiles need the gpu-aot extra: {aot.EXTRA}")
+
+
+def _text(jitted, *args) -> str:
+  """The HLO of `jitted(*args)` compiled for the arguments' GPU target,
+  outside the persistent cache (such an executable cannot be loaded here)."""
+  with compilation.cache_off():
+    return jitted.lower(*args).compile(aot.COMPILER_OPTIONS).as_text()
 
 
 @needs_plugin
@@ -21,7 +28,7 @@ def test_a_matmul_reads_its_operands_and_writes_its_result_once():
   shard = NamedSharding(mesh, P())
   x = jax.ShapeDtypeStruct((128, 256), jnp.bfloat16, sharding=shard)
   w = jax.ShapeDtypeStruct((256, 512), jnp.bfloat16, sharding=shard)
-  text = jax.jit(lambda x, w: x @ w).lower(x, w).compile(aot.COMPILER_OPTIONS).as_text()
+  text = _text(jax.jit(lambda x, w: x @ w), x, w)
   found = hlo.read(text, 1)
   assert found["collectives"] == []
   assert found["hbm_bytes"] == (128 * 256 + 256 * 512 + 128 * 512) * 2   # cuBLAS scratch left out
@@ -38,11 +45,11 @@ def test_a_scanned_stack_is_read_and_written_a_layer_at_a_time():
   index = jax.ShapeDtypeStruct((), jnp.int32, sharding=shard)
   one = 256 * 256 * 4
   sliced = jax.jit(lambda w, i: jax.lax.dynamic_index_in_dim(w, i, keepdims=False) * 2)
-  text = sliced.lower(stack, index).compile(aot.COMPILER_OPTIONS).as_text()
+  text = _text(sliced, stack, index)
   assert hlo.read(text, 1)["hbm_bytes"] == one + 4 + one             # the layer, i; the product
   updated = jax.jit(lambda w, x, i: jax.lax.dynamic_update_index_in_dim(w, x * 2, i, 0),
                     donate_argnums=0)
-  text = updated.lower(stack, layer, index).compile(aot.COMPILER_OPTIONS).as_text()
+  text = _text(updated, stack, layer, index)
   assert hlo.read(text, 1)["hbm_bytes"] == one + 4 + one             # x, i; the update
 
 
@@ -56,7 +63,7 @@ def test_collectives_are_counted_with_their_group_ring_factor_and_loop_trips():
   mesh = Mesh(aot.devices("h100", 8), ("data",))
   w = jax.ShapeDtypeStruct((4, 256, 256), jnp.float32, sharding=NamedSharding(mesh, P()))
   x = jax.ShapeDtypeStruct((64, 256), jnp.float32, sharding=NamedSharding(mesh, P("data")))
-  text = jax.jit(jax.grad(loss)).lower(w, x).compile(aot.COMPILER_OPTIONS).as_text()
+  text = _text(jax.jit(jax.grad(loss)), w, x)
   reduced, = hlo.read(text, 8)["collectives"]
   layer = 256 * 256 * 4
   assert (reduced["op"], reduced["n"], reduced["times"]) == ("all-reduce", 8, 4)
@@ -66,7 +73,7 @@ def test_collectives_are_counted_with_their_group_ring_factor_and_loop_trips():
   # Gathering a row-sharded 64 x 256 array: each device sends 7/8 of the output.
   replicated = NamedSharding(mesh, P())
   gather = jax.jit(lambda x: jax.lax.with_sharding_constraint(x, replicated) * 2)
-  gathered, = hlo.read(gather.lower(x).compile(aot.COMPILER_OPTIONS).as_text(), 8)["collectives"]
+  gathered, = hlo.read(_text(gather, x), 8)["collectives"]
   assert (gathered["op"], gathered["n"], gathered["times"]) == ("all-gather", 8, 1)
   assert gathered["sent_bytes"] == 7 / 8 * 64 * 256 * 4
 
