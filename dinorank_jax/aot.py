@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dinorank_jax.errors import UserError
 
 TARGETS = ("h100", "h200", "a100")
+# Dense bf16 peak of one device, TFLOP/s (NVIDIA's data sheets, SXM parts).
+BF16_TFLOPS = {"h100": 989.4, "h200": 989.4, "a100": 312.0}
 # JAX's GPU client preallocates this fraction of the card
 # (XLA_PYTHON_CLIENT_MEM_FRACTION); 0.95 is what a run can be given at most.
 DEFAULT_FRACTION = 0.75

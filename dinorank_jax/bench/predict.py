@@ -39,9 +39,8 @@ from dinorank_jax.errors import UserError
 @dataclasses.dataclass(frozen=True)
 class Hardware:
   """One GPU of a target and its node (bandwidths per GPU, each direction;
-  HBM from the target file, `aot.memory_bandwidth`)."""
+  the bf16 peak from `aot.BF16_TFLOPS`, HBM from the target file)."""
   target: str
-  bf16_tflops: float          # dense
   nvlink_gb_s: float
   fabric_gb_s: float          # the node's network, per GPU
   gpus_per_node: int
@@ -49,18 +48,22 @@ class Hardware:
   source: str
 
   @property
+  def bf16_tflops(self) -> float:        # dense
+    return aot.BF16_TFLOPS[self.target]
+
+  @property
   def hbm_bytes_s(self) -> float:
     return aot.memory_bandwidth(self.target)
 
 
 HARDWARE = {
-    "h100": Hardware("h100", 989.4, 450, 50, 8, 14,
+    "h100": Hardware("h100", 450, 50, 8, 14,
                      "NVIDIA H100 data sheet (SXM5: 989.4 dense bf16 TFLOP/s, NVLink 900 GB/s "
                      "both ways); DGX H100 guide (8 x ConnectX-7 400 Gb/s, 2 x 56 cores)"),
-    "h200": Hardware("h200", 989.4, 450, 50, 8, 14,
+    "h200": Hardware("h200", 450, 50, 8, 14,
                      "NVIDIA H200 data sheet (SXM: 989.4 dense bf16 TFLOP/s, NVLink 900 GB/s "
                      "both ways); DGX H200 guide (8 x ConnectX-7 400 Gb/s, 2 x 56 cores)"),
-    "a100": Hardware("a100", 312.0, 300, 25, 8, 16,
+    "a100": Hardware("a100", 300, 25, 8, 16,
                      "NVIDIA A100 data sheet (SXM4: 312 dense bf16 TFLOP/s, NVLink 600 GB/s "
                      "both ways); DGX A100 guide (8 x ConnectX-6 200 Gb/s, 2 x 64 cores)"),
 }

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dinorank_jax import config as config_lib
-from dinorank_jax import compilation, optim, parallel
+from dinorank_jax import aot, compilation, optim, parallel
 from dinorank_jax.bench import against, flops
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH
 from dinorank_jax.optim import WARM_START_EPOCHS
@@ -49,13 +49,11 @@ SHAPES = {
 }
 # One step per epoch, so every rank order is active from step WARM_START_EPOCHS[1].
 SCHEDULE = optim.Schedule(steps_per_epoch=1, epochs=64, peak_lr=5e-4, warmup_steps=1)
-# Dense bf16 peak per device, TFLOP/s (NVIDIA data sheets, SXM parts).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def peak_tflops(device) -> float | None:
   kind = device.device_kind
-  return next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+  return next((v for k, v in aot.BF16_TFLOPS.items() if k.upper() in kind), None)
 
 
 def synthetic_batch(rows: int, image_size: int, teacher: dict, seed: int = 0) -> dict:
