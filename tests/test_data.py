@@ -137,6 +137,22 @@ def test_restored_iterator_continues_exactly(tmp_path):
       np.testing.assert_array_equal(got[k], expected[k])
 
 
+def test_worker_processes_make_the_same_batches(tmp_path):
+  directory = tiny_corpus.synthetic(tmp_path)
+  make = lambda **kw: iter(pipeline.make_dataset(directory, batch_size=8, image_size=16, seed=1,
+                                                 num_epochs=1, **kw))
+  in_process, workers = list(make(threads=1)), make(worker_count=1)
+  try:
+    from_workers = list(workers)
+  finally:
+    workers.close()
+  assert len(from_workers) == len(in_process) == 8
+  for got, expected in zip(from_workers, in_process):
+    assert got.keys() == expected.keys()
+    for k in expected:
+      np.testing.assert_array_equal(got[k], expected[k])
+
+
 def test_builders_skip_and_count_bad_inputs(tmp_path, caplog):
   good = tiny_corpus.jpeg(np.full((300, 400, 3), 120, np.uint8))
   (tmp_path / "a.jpg").write_bytes(good)
@@ -212,6 +228,36 @@ def test_synthetic_captions_from_every_source_reach_alip_batches(tmp_path):
   recs = [records.decode_record(r)
           for r in records.read_shard(records.shard_paths(str(tmp_path / "w"))[0])]
   assert recs[0]["caption"] == "a cat" and recs[0]["syn_caption"] == "a grey square"
+
+
+def test_the_finiteness_check_agrees_with_numpy_on_every_kind_of_float():
+  specials = [0.0, -0.0, 1.0, -2.5, np.nan, -np.nan, np.inf, -np.inf]
+  for dtype in (np.float16, np.float32, np.float64):
+    info = np.finfo(dtype)
+    values = np.asarray(specials + [info.max, -info.max, info.smallest_subnormal], dtype)
+    for value in values:
+      grid = np.ones((3, 4), dtype)
+      grid[1, 2] = value
+      assert records.all_finite(grid) == bool(np.isfinite(grid).all()), (dtype, value)
+    assert records.all_finite(np.zeros((0, 5), dtype))
+  # A NaN with another payload (float16 0x7E01, float32 0x7FC00001) is still NaN.
+  assert not records.all_finite(np.asarray([0x7E01], np.uint16).view(np.float16))
+  assert not records.all_finite(np.asarray([0x7FC00001], np.uint32).view(np.float32))
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_a_grey_or_cmyk_jpeg_record_trains_as_rgb(mode):
+  pixels = np.random.default_rng(0).integers(0, 255, (24, 40, 3), np.uint8)
+  image = Image.fromarray(pixels).convert(mode)
+  out = io.BytesIO()
+  image.save(out, format="JPEG", quality=95)
+  record = records.encode_record({"jpeg": out.getvalue(), "tokens": _tokens()})
+  decode = pipeline.Decode(image_size=16, seed=0)
+  examples = [decode.map((position, (0, [record]))) for position in range(8)]
+  assert all(e["image"].shape == (16, 16, 3) and e["image"].dtype == np.uint8 for e in examples)
+  assert {bool(e["flip"]) for e in examples} == {False, True}
+  if mode == "L":
+    assert all((e["image"] == e["image"][..., :1]).all() for e in examples)
 
 
 def test_pipeline_skips_bad_records_and_fails_on_a_broken_source(tmp_path):

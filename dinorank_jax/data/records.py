@@ -125,9 +125,24 @@ def check_record(record, meta: dict, *, syn_captions: bool = False) -> tuple[str
       return "invalid", f"field {name!r} has no end-of-text id {meta['eot_id']} (empty caption?)"
   if meta.get("teacher"):
     for name in TEACHER_FIELDS:
-      if record[name].dtype.kind == "f" and not np.all(np.isfinite(record[name])):
+      if record[name].dtype.kind == "f" and not all_finite(record[name]):
         return "nonfinite", f"field {name!r} holds NaN or infinite values"
   return None
+
+
+# A float is NaN or infinite exactly when its exponent bits are all ones.
+_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00),
+                  np.dtype(np.float32): (np.uint32, 0x7F800000)}
+
+
+def all_finite(values: np.ndarray) -> bool:
+  """`np.isfinite(values).all()`, for float16 and float32 from the exponent
+  bits: NumPy's float16 `isfinite` is not vectorised (100 µs for a record's
+  teacher fields against 22)."""
+  if values.dtype not in _EXPONENT_BITS:
+    return bool(np.isfinite(values).all())
+  bits, exponent = _EXPONENT_BITS[values.dtype]
+  return int((values.view(bits) & exponent).max(initial=0)) != exponent
 
 
 class Shards:
