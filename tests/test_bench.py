@@ -46,6 +46,23 @@ def test_train_step_flops_are_three_forwards_plus_similarities():
   assert 200e12 < parts["total"] < 250e12            # ≈ 18.2 GFLOP × 3 × 4096
 
 
+def test_a_sharded_train_step_costs_what_bench_flops_counts():
+  """The order-3 step of the CPU shape (the tiny model, unrolled, without its
+  students), sharded over the 8 devices at 16 rows each: XLA's count per
+  device, times 8, against `flops.train_step` of the global batch. At width
+  64, norms, activations, softmax, the rank terms' elementwise work and the
+  optimizer are a quarter of XLA's count (the analytic count was 0.72-0.80 of
+  it at orders 0 and 3, 16 and 64 rows, with the students or without), so
+  the band is wide; a backward pass counted as one forward instead of two
+  (2/3), or a per-device batch taken for the global one (1/8), falls out."""
+  programs = compile_suite.Programs("cpu", overrides={"scan": False, "students": "none"})
+  compiled, _ = programs.step_executable(3, rows=16)
+  model = programs.program(3)[0]
+  xla = compiled.cost_analysis()["flops"] * programs.mesh.devices.size
+  ours = flops.train_step(model, programs.shape["image_size"], 16 * 8)["total"]
+  assert 0.6 * xla < ours <= xla, (ours, xla)
+
+
 @pytest.mark.slow
 def test_bench_command_runs_every_step_suite_and_writes_a_trace(tmp_path, capsys):
   """Slow: two train steps (orders 0 and 3) compiled and timed, as the command does, at 4 rows,

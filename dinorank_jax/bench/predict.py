@@ -78,9 +78,9 @@ EFFICIENCY = 0.47
 CC3M_RECORDS = 3_318_333
 # Samples/s one core decodes and crops through the input pipeline at the
 # paper's shape (`bench.data`, one thread, 256 px records cropped to 224,
-# CC3M-shaped teacher fields: 1,681-1,915 CPU µs a sample on this project's
-# 2-core Xeon, docs/performance.md § The input pipeline).
-DATA_SAMPLES_PER_CORE = 550
+# CC3M-shaped teacher fields: 1,263-1,370 CPU µs a sample on this project's
+# 2-core Xeon, 2026-12-06, docs/performance.md § The input pipeline's overhead).
+DATA_SAMPLES_PER_CORE = 750
 GPU_COUNTS = (1, 8, 16, 64)
 
 
