@@ -190,14 +190,64 @@ def _quiet_absl_warnings():
     absl_log.setLevel(level)
 
 
+BEST_FILE = "best.json"
+MODES = ("max", "min")
+
+
+class Best:
+  """The best checkpoint by one logged metric (`config.eval.keep_best`, the
+  larger value with `mode` max, the smaller with min): its step and value,
+  in `WORKDIR/best.json`. As an orbax preservation policy it keeps that
+  step's checkpoint beside the last `max_to_keep`. A run resumed with the
+  same metric and mode carries on from the file."""
+
+  def __init__(self, workdir: str, metric: str, mode: str = "max"):
+    self.path, self.metric, self.mode = os.path.join(workdir, BEST_FILE), metric, mode
+    self.step = self.value = None
+    saved = read_best(workdir)
+    if saved and saved["metric"] == metric and saved["mode"] == mode:
+      self.step, self.value = saved["step"], saved["value"]
+
+  def should_preserve(self, checkpoints, *, context):
+    del context
+    return [checkpoint.step == self.step for checkpoint in checkpoints]
+
+  def update(self, step: int, metrics: dict, *, write: bool = True) -> bool:
+    """Takes `step` as the best when its `metric` beats the best so far;
+    True when it does (the file is rewritten when `write`)."""
+    value = metrics.get(self.metric)
+    if value is None or not (self.value is None or (value > self.value if self.mode == "max"
+                                                     else value < self.value)):
+      return False
+    self.step, self.value = step, float(value)
+    if write:
+      with open(self.path + ".tmp", "w") as f:
+        json.dump({"metric": self.metric, "mode": self.mode, "step": step,
+                   "value": self.value}, f)
+      os.replace(self.path + ".tmp", self.path)
+    return True
+
+
+def read_best(workdir: str) -> dict | None:
+  """`WORKDIR/best.json` (`Best`), or None when the run keeps no best checkpoint."""
+  try:
+    with open(os.path.join(workdir, BEST_FILE)) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+
+
 class Checkpointer:
-  """Saves every `save_every` steps (and when forced), keeps `max_to_keep`."""
+  """Saves every `save_every` steps (and when forced), keeps `max_to_keep`
+  and, with `best` (a `Best`), the best step's checkpoint too."""
 
   def __init__(self, workdir: str, *, save_every: int = 1000, max_to_keep: int = 3,
-               asynchronous: bool = True):
+               asynchronous: bool = True, best: Best | None = None):
     self.save_every = save_every
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                           enable_async_checkpointing=asynchronous)
+    keep = ({"preservation_policy": ocp.checkpoint_managers.AnyPreservationPolicy(
+        [ocp.checkpoint_managers.LatestN(max_to_keep), best])} if best is not None
+            else {"max_to_keep": max_to_keep})
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=asynchronous, **keep)
     self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                          options=options)
     quiet_orbax_noise()

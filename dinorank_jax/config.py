@@ -103,6 +103,16 @@ def paper(*, order: int = 3, epochs: int = 64, students: str = "both",
   c.log.wandb_project = "dinorank_jax"
   c.eval_every = 5000                       # steps; also at the end
   c.eval_batch_size = 1024
+  # Evaluation suites run on the live parameters at eval_every and at the end
+  # (python -m dinorank_jax.evaluate's names: "imagenet,wds:/data/wds_vtab-cifar10",
+  # groups too), logged as eval/<dataset>/<metric>; looked for under data_dir.
+  c.eval = ConfigDict()
+  c.eval.suites = ""
+  c.eval.data_dir = "data"
+  # Keep the checkpoint of the best value of one logged metric ("eval/imagenet/acc1",
+  # "zero_shot/colour") beside the last max_to_keep: export --step best.
+  c.eval.keep_best = ""
+  c.eval.keep_best_mode = "max"             # max | min
   c.on_nonfinite = "stop"                   # stop | skip (the update)
   c.compilation_cache = default_compilation_cache()   # "" = off
   c.device_memory_gib = 0.0                 # > 0: the per-device budget the step must fit

@@ -12,7 +12,9 @@ import jax
 
 from dinorank_jax import config as config_lib
 from dinorank_jax import optim
+from dinorank_jax.checkpoint import MODES
 from dinorank_jax.data import records
+from dinorank_jax.evaluate import suites
 from dinorank_jax.errors import UserError
 from dinorank_jax.losses.distill import CRITERIA
 from dinorank_jax.models.dinorankclip import ARCHS, STUDENT_MODES
@@ -105,9 +107,23 @@ def validate(config) -> None:
   _choice(config, "data.prepare", ("", "synthetic"))
   _check_rank_lists(config)
   _check_batch(config)
+  eval_suites(config)
+  _choice(config, "eval.keep_best_mode", MODES)
+  if config.eval.keep_best and not (config.data.eval_path or config.eval.suites):
+    raise ConfigError(f"config.eval.keep_best={config.eval.keep_best} needs an evaluation: set "
+                      "config.data.eval_path (held-out records) or config.eval.suites")
   if config.log.wandb and importlib.util.find_spec("wandb") is None:
     raise ConfigError("config.log.wandb is on but wandb is not installed: pip install "
                       "'dinorank_jax[wandb]', or set --config.log.wandb=False")
+
+
+def eval_suites(config) -> list[str]:
+  """The suite names of `config.eval.suites`, groups expanded (none: [])."""
+  names = [n.strip() for n in config.eval.suites.split(",") if n.strip()]
+  try:
+    return suites.expand(names)
+  except ValueError as e:
+    raise ConfigError(f"config.eval.suites: {e}") from None
 
 
 def _check_rank_lists(config) -> None:

@@ -1,6 +1,6 @@
 """Inference export of a trained run, and the loader evaluation tools use.
 
-    python -m dinorank_jax.export --workdir runs/r3 --out exports/r3 [--step N] [--data DIR]
+    python -m dinorank_jax.export --workdir runs/r3 --out exports/r3 [--step N|best] [--data DIR]
                                   [--format open_clip] [--format hf] [--overwrite]
 
 writes `DIR/params` (an orbax checkpoint of the parameters that embed:
@@ -28,6 +28,7 @@ computed in float32 (`dtype=`) in fixed-size jitted batches (the last one
 padded).
 """
 
+import argparse
 import hashlib
 import json
 import errno
@@ -41,8 +42,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from dinorank_jax import checkpoint, convert, errors
+from dinorank_jax import checkpoint, convert, errors, parallel
 from dinorank_jax.data import records, transform
 from dinorank_jax.data.tokenizer import CONTEXT_LENGTH, TextTokenizer
 from dinorank_jax.models import CONFIG_FIELDS, DinoRankCLIP, from_config
@@ -137,9 +139,17 @@ def _on_one_device(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 
 
-def trained_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
-  """The parameters saved at `step` (default: the latest) of a run, on one device."""
+def trained_params(workdir: str, step: int | str | None = None) -> tuple[dict, int]:
+  """The parameters saved at `step` (default: the latest; "best": the best
+  checkpoint of `config.eval.keep_best`) of a run, on one device."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if step == "best":
+    best = checkpoint.read_best(workdir)
+    if best is None:
+      raise errors.UserError(f"--step best: {workdir} keeps no best checkpoint (no "
+                             f"{checkpoint.BEST_FILE}): train it with config.eval.keep_best set, "
+                             "or pass a step number")
+    step = best["step"]
   manager = ocp.CheckpointManager(directory)
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
@@ -315,11 +325,15 @@ class ExportedModel:
 
   Also `tokenize` (texts -> int32 `[N, 77]`), `logit_scale`, `dtype` (the
   compute dtype) and `image_student_tokens` (the image student's patch
-  tokens, for distillation fidelity) when `has_image_student`."""
+  tokens, for distillation fidelity) when `has_image_student`.
+
+  With a `mesh` (the trainer's live parameters: `live`), each batch of
+  `batch_size` rows is sharded over the mesh's batch axis, every process
+  passing its rows of it, and the embeddings are gathered to every process."""
 
   def __init__(self, model: DinoRankCLIP, params: dict, model_config: dict,
-               batch_size: int = 256):
-    self.model, self.params, self.config = model, params, model_config
+               batch_size: int = 256, mesh=None):
+    self.model, self.params, self.config, self.mesh = model, params, model_config, mesh
     self.image_size, self.batch_size = model_config["image_size"], batch_size
     self.dtype = jnp.dtype(model.dtype).name
     self.tokenizer = TextTokenizer.from_id(model_config["tokenizer"])
@@ -342,8 +356,16 @@ class ExportedModel:
       chunk = x[start:start + self.batch_size]
       pad = self.batch_size - len(chunk)
       padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
-      out.append(np.asarray(fn(self.params, padded))[:len(chunk)])
+      out.append(self._call(fn, padded)[:len(chunk)])
     return np.concatenate(out).astype(np.float32)
+
+  def _call(self, fn, batch: np.ndarray) -> np.ndarray:
+    if self.mesh is None:
+      return np.asarray(fn(self.params, batch))
+    rows = len(batch) // jax.process_count()
+    mine = batch[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+    out = fn(self.params, parallel.global_batch(self.mesh, {"x": mine})["x"])
+    return np.asarray(multihost_utils.process_allgather(out, tiled=True))
 
   def preprocess(self, images) -> np.ndarray:
     """uint8 `[N, S, S, 3]` at the export's side `S`: one image or many (PIL
@@ -424,13 +446,35 @@ def load(directory: str, *, batch_size: int = 256, dtype: str = "float32") -> Ex
                        batch_size)
 
 
+def live(model: DinoRankCLIP, params: dict, mesh, meta: dict, image_size: int, *,
+         batch_size: int) -> ExportedModel:
+  """The model being trained, with its sharded parameters as they are, as
+  an `ExportedModel` on `mesh` (the evaluation suites during training).
+  Computed in float32, as `load` computes by default, so its numbers are an
+  export's of the same step; `meta`: the training records' metadata (their
+  tokenizer)."""
+  model_config = {"image_size": image_size, "tokenizer": meta["tokenizer"],
+                  "context_length": CONTEXT_LENGTH}
+  return ExportedModel(model.clone(dtype=jnp.float32), params, model_config, batch_size, mesh)
+
+
+def _step(text: str) -> int | str:
+  if text == "best":
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a step number or best") from None
+
+
 @errors.guard
 def main(argv=None):
   p = errors.ArgumentParser(prog="python -m dinorank_jax.export",
                             description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True, help="the training run's directory")
   p.add_argument("--out", required=True, help="export directory to write")
-  p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  p.add_argument("--step", type=_step, help="checkpoint step, or best: the best checkpoint by "
+                 "config.eval.keep_best (default: the latest)")
   p.add_argument("--data", help="the run's records (default: its config.data.path)")
   p.add_argument("--format", action="append", choices=convert.FORMATS, default=[],
                  help="also write the trunks as this CLIP checkpoint, in OUT/<format> "

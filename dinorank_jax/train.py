@@ -34,13 +34,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from dinorank_jax import compilation, config_checks, errors, evaluate, optim, parallel, warm_start
+from dinorank_jax import (compilation, config_checks, errors, evaluate, export, optim, parallel,
+                          warm_start)
 from dinorank_jax import workdir as workdir_lib
-from dinorank_jax.checkpoint import Checkpointer
+from dinorank_jax.checkpoint import Best, Checkpointer
 from dinorank_jax.data import records
 from dinorank_jax.data.pipeline import make_dataset
 from dinorank_jax.data.prepare import prepare
 from dinorank_jax.errors import UserError
+from dinorank_jax.evaluate import clip_benchmark, suites
 from dinorank_jax.evaluate.metrics import InvalidEmbeddings
 from dinorank_jax.losses.distill import PROJECTED
 from dinorank_jax.metric_writer import MetricWriter
@@ -229,8 +231,10 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
     raise config_checks.ConfigError(f"config.batch_size={config.batch_size} exceeds the "
                                     f"{num_records} records: lower it")
   total_steps = steps_per_epoch * config.epochs
+  best = (Best(workdir, config.eval.keep_best, config.eval.keep_best_mode)
+          if config.eval.keep_best else None)
   checkpointer = Checkpointer(workdir, save_every=config.checkpoint.every,
-                              max_to_keep=config.checkpoint.max_to_keep)
+                              max_to_keep=config.checkpoint.max_to_keep, best=best)
   config_json = config.to_json_best_effort(indent=2)
   stored = workdir_lib.stored_config(workdir)
   if stored is not None and checkpointer.latest_step is not None:
@@ -283,15 +287,34 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
   if lead:
     workdir_lib.record_start(workdir, config_json, int(state.step))
 
+  eval_suites = available_suites(config)
+
   def run_eval(step):
-    if not config.data.eval_path:
-      return {}
-    try:
-      metrics = evaluate.evaluate(model, state.params, mesh, config.data.eval_path,
-                                  batch_size=config.eval_batch_size, image_size=size)
-    except InvalidEmbeddings as e:
-      raise NonFiniteLoss(f"held-out evaluation at step {step}: {e}") from None
-    writer.write(step, metrics)
+    metrics = {}
+    if config.data.eval_path:
+      try:
+        metrics = evaluate.evaluate(model, state.params, mesh, config.data.eval_path,
+                                    batch_size=config.eval_batch_size, image_size=size)
+      except InvalidEmbeddings as e:
+        raise NonFiniteLoss(f"held-out evaluation at step {step}: {e}") from None
+      writer.write(step, metrics)
+    if eval_suites or best:
+      # A failing suite loses no training, and the best step has its checkpoint.
+      checkpointer.save(step, state, position, force=True)
+      checkpointer.wait()
+    if eval_suites:
+      live = export.live(model, state.params, mesh, meta, size, batch_size=config.eval_batch_size)
+      for name in eval_suites:
+        found = run_suite(name, live, config.eval.data_dir, step)
+        writer.write(step, found)
+        metrics.update(found)
+    if best and best.update(step, metrics, write=lead):
+      logging.info("best %s so far: %.4f at step %d (export --step best)", best.metric,
+                   best.value, step)
+    elif best and best.metric not in metrics:
+      logging.warning("config.eval.keep_best=%s is not among the evaluation's metrics at step %d "
+                      "(%s): no checkpoint is kept as the best", best.metric, step,
+                      ", ".join(sorted(metrics)[:8]))
     return metrics
 
   preempted = {"stop": False, "signal": None}
@@ -366,6 +389,44 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
                              f"{os.path.join(workdir, 'checkpoints')}; run the same command "
                              "to resume")
   return eval_metrics
+
+
+def available_suites(config) -> list[str]:
+  """The suites of `config.eval.suites` whose data is there. Each missing one
+  is logged once, here, at start-up; process 0's findings hold for every
+  process, so all run the same suites (their collectives pair up)."""
+  names = config_checks.eval_suites(config)
+  if not names:
+    return []
+  reasons = [suites.missing(name, config.eval.data_dir) for name in names]
+  found = np.asarray([reason is None for reason in reasons])
+  if jax.process_count() > 1:
+    found = np.asarray(multihost_utils.broadcast_one_to_all(found))
+  for name, reason, ok in zip(names, reasons, found):
+    if not ok:
+      logging.warning("config.eval.suites: %s %s", name,
+                      reason or "skipped: not found on process 0")
+  return [name for name, ok in zip(names, found) if ok]
+
+
+def run_suite(name: str, model, data_dir: str, step: int) -> dict[str, float]:
+  """Suite `name` on the live `model` (`export.live`) as `eval/<dataset>/<metric>`
+  (`clip_benchmark.flat`) and `eval/<dataset>/seconds`; a suite that fails or
+  finds its data gone is logged and gives nothing: training goes on."""
+  start = time.perf_counter()
+  try:
+    result = suites.run(name, model, data_dir, batch_size=model.batch_size)
+  except Exception as e:  # an evaluation must not end the run it measures
+    logging.warning("evaluation suite %s failed at step %d (%s: %s); training goes on", name,
+                    step, type(e).__name__, e)
+    return {}
+  if result["status"] != "ok":
+    logging.warning("evaluation suite %s at step %d: %s", name, step, result["status"])
+    return {}
+  found = clip_benchmark.flat(name, result["metrics"])
+  dataset = clip_benchmark.dataset_name(name)
+  return {**{f"eval/{k}": v for k, v in found.items()},
+          f"eval/{dataset}/seconds": time.perf_counter() - start}
 
 
 def print_table(metrics: dict, tasks: dict) -> None:

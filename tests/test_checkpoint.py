@@ -6,7 +6,7 @@ import orbax.checkpoint as ocp
 import numpy as np
 import pytest
 
-from dinorank_jax import optim, parallel
+from dinorank_jax import checkpoint, errors, export, optim, parallel
 from dinorank_jax.checkpoint import Checkpointer, abstract_state
 from dinorank_jax.data import build as build_data, pipeline
 from dinorank_jax.step import Objective, build
@@ -111,3 +111,27 @@ def test_a_cpu_save_compiles_nothing_and_restores_every_replicated_array(tmp_pat
       state=ocp.args.StandardRestore(state)))["state"]
   for key, value in state.items():
     np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value))
+
+
+def test_the_best_checkpoint_is_kept_beside_the_last_ones_and_exported_as_best(tmp_path):
+  workdir = str(tmp_path / "run")
+  best = checkpoint.Best(workdir, "eval/wds/x/acc1", "max")
+  saver = Checkpointer(workdir, save_every=1, max_to_keep=2, best=best)
+  for step, value in zip(range(1, 7), (0.1, 0.5, 0.3, 0.2, 0.4, 0.45)):
+    saver.save(step, {"params": {"w": np.full(3, step, np.float32)}}, {"position": step})
+    saver.wait()
+    best.update(step, {"eval/wds/x/acc1": value, "loss": 1.0})
+  assert sorted(saver.manager.all_steps()) == [2, 5, 6]       # the best and the last two
+  saver.close()
+  assert checkpoint.read_best(workdir) == {"metric": "eval/wds/x/acc1", "mode": "max",
+                                           "step": 2, "value": 0.5}
+  params, step = export.trained_params(workdir, "best")
+  assert step == 2 and np.asarray(params["w"]).tolist() == [2, 2, 2]
+  # A resumed run carries on from the file with the same metric and mode, not with others.
+  assert checkpoint.Best(workdir, "eval/wds/x/acc1", "max").step == 2
+  assert checkpoint.Best(workdir, "eval/wds/x/acc1", "min").step is None
+  smaller = checkpoint.Best(str(tmp_path / "other"), "loss", "min")
+  assert smaller.update(3, {"loss": 2.0}, write=False) and not smaller.update(4, {"loss": 2.5})
+  assert not smaller.update(5, {"acc": 0.0}) and smaller.step == 3
+  with pytest.raises(errors.UserError, match=r"--step best: .* keeps no best checkpoint"):
+    export.trained_params(str(tmp_path / "other"), "best")

@@ -6,8 +6,6 @@ the config we wrote), CLIP_benchmark 1.6.2's own metric code scores it, and
 trunks. Pixels, embeddings and every metric agree."""
 
 import io
-import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 import dinorank_jax
 from dinorank_jax.evaluate import suites
-from tests import photos, tiny_export
+from tests import photos, tiny_corpus, tiny_export
 from tests.open_clip_cpu import import_open_clip
 
 open_clip = import_open_clip()
@@ -27,27 +25,6 @@ from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval  
 CLASSES = ["astronaut", "coffee cup", "cat", "rocket", "galaxy", "camera"]
 # CLIP_benchmark reads every line: a blank one is an empty prompt, `{c}` may repeat.
 TEMPLATES = "a photo of a {c}.\n\na {c}, or rather a {c}.\n"
-
-
-def _write_wds(root, examples, *, retrieval: bool) -> str:
-  """`examples` `[(name, image bytes, label or captions)]` as
-  `clip_benchmark_export_wds` lays a test split out."""
-  os.makedirs(root / "test")
-  with tarfile.open(root / "test" / "0.tar", "w") as tar:
-    for i, (name, data, target) in enumerate(examples):
-      ext = "png" if data.startswith(b"\x89PNG") else "jpg"
-      text = "\n".join(target).encode() if retrieval else str(target).encode()
-      for member, payload in ((ext, data), ("txt" if retrieval else "cls", text)):
-        info = tarfile.TarInfo(f"s{i:07d}.{member}")
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
-  (root / "test" / "nshards.txt").write_text("1\n")
-  if retrieval:
-    (root / "dataset_type.txt").write_text("retrieval\n")
-  else:
-    (root / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
-    (root / "zeroshot_classification_templates.txt").write_text(TEMPLATES)
-  return str(root)
 
 
 def _accuracy(logits, target, k: int) -> float:
@@ -104,7 +81,7 @@ def test_zero_shot_and_retrieval_equal_clip_benchmarks_on_the_same_export(setup)
       (torch.stack([preprocess(_decoded(d)) for _, d, _ in rows[s:s + 8]]),
        target([t for _, _, t in rows[s:s + 8]])) for s in range(0, len(rows), 8))
 
-  found = suites.run(f"wds:{_write_wds(root / 'cls', labelled, retrieval=False)}", ours, "")
+  found = suites.run(f"wds:{tiny_corpus.wds(root / 'cls', labelled, classes=CLASSES, templates=TEMPLATES)}", ours, "")
   assert found["status"] == "ok" and found["skipped"] == 0
   # CLIP_benchmark's own classifier and logits; its `accuracy` ends in
   # `float(array of shape (1,))`, which NumPy 2 refuses, so its two lines
@@ -120,7 +97,7 @@ def test_zero_shot_and_retrieval_equal_clip_benchmarks_on_the_same_export(setup)
   assert found["metrics"]["zero_shot/label/mean_per_class_recall"] == pytest.approx(
       bench["mean_per_class_recall"], abs=1e-12)
 
-  found = suites.run(f"wds:{_write_wds(root / 'ret', captioned, retrieval=True)}", ours, "")
+  found = suites.run(f"wds:{tiny_corpus.wds(root / 'ret', captioned)}", ours, "")
   bench = zeroshot_retrieval.evaluate(theirs, batches(captioned, list), tokenizer, "cpu",
                                       amp=False, recall_k_list=[1, 5, 10])
   for k in (1, 5, 10):

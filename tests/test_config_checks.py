@@ -31,6 +31,8 @@ from tests.tiny_config import CONFIGS, get_config as tiny_config
      r"objective.rank_scope=local, 8 devices\): a list needs at least as many items as the order$"),
     ({"data.path": "/data/long"}, r"^config.data.path=/data/long holds captions of 78 tokens, "
      r"more than the text tower's context of 77: rebuild it"),
+    ({"eval.suites": "imagenet, imagenett"}, r"^config.eval.suites: unknown suite 'imagenett': "
+     r"pick from imagenet, .*wds:DIR or probe:NAME$"),
 ])
 def test_impossible_geometry_is_refused_in_one_line_before_anything_is_built(fields, message):
   """Every shape the model and step assume, checked from the config and the

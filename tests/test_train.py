@@ -20,9 +20,10 @@ import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dinorank_jax import compilation, parallel, train
+from dinorank_jax import checkpoint, compilation, export, parallel, train
 from dinorank_jax.config import default_compilation_cache
 from dinorank_jax.data import records
+from dinorank_jax.evaluate import clip_benchmark, suites
 from dinorank_jax.losses.distill import CRITERIA
 from dinorank_jax.models.fusion import FUSION_MODES
 from dinorank_jax.step import Objective
@@ -106,12 +107,21 @@ def test_r3_without_data_names_the_flag(tmp_path):
 
 
 @pytest.mark.slow
-def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypatch):
-  """Slow: the whole loop, from data to held-out evaluation, run twice on one workdir."""
+def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypatch, caplog):
+  """Slow: the whole loop, from data to held-out evaluation and evaluation
+  suites on the live parameters, run twice on one workdir."""
   root = tiny_corpus.corpora(str(tmp_path / "data"), num_train=128)
   workdir = str(tmp_path / "run")
   config = tiny_config(root)
   config.epochs = 4                     # 16 steps: order 2 from step 12
+  colours = [(f"{i}", tiny_corpus.jpeg(np.full((40, 56, 3), (200, 40, 40) if i % 2 else
+                                                (40, 40, 200), np.uint8)), i % 2)
+             for i in range(12)]
+  suite_names = [f"records:{os.path.join(root, 'val')}",
+                 f"wds:{tiny_corpus.wds(tmp_path / 'wds_colours', colours, classes=['blue', 'red'])}"]
+  config.eval.suites = ",".join([*suite_names, "imagenet"])     # no ImageNet under data_dir
+  config.eval.data_dir = str(tmp_path / "datasets")
+  config.eval.keep_best = "eval/wds/wds_colours/acc1"
   # The progress bar (its rate and ETA) starts once the step is compiled.
   order, compile_fitting, bar, steps = [], train._compile_fitting, train.tqdm, []
 
@@ -124,8 +134,27 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypa
   monkeypatch.setattr(train, "tqdm", lambda *a, **k: (order.append("bar"), bar(*a, **k))[1])
   result = train.train_and_evaluate(config, workdir)
   assert order == ["compiled", "bar"]
-  assert set(result) == {"eval/skipped", "eval/examples", "retrieval/i2t_r1", "retrieval/t2i_r1",
-                         "zero_shot/colour", "zero_shot/shape", "zero_shot/colour_shape_texture"}
+  from_suites = {k: v for k, v in result.items() if k.startswith(("eval/records/", "eval/wds/"))}
+  assert set(result) - set(from_suites) == {
+      "eval/skipped", "eval/examples", "retrieval/i2t_r1", "retrieval/t2i_r1",
+      "zero_shot/colour", "zero_shot/shape", "zero_shot/colour_shape_texture"}
+  # The suites' numbers are an export's of the same step, named as CLIP_benchmark names them;
+  # the only evaluation, at the end, is the best.
+  assert checkpoint.read_best(workdir)["step"] == 16
+  export.main(["--workdir", workdir, "--out", str(tmp_path / "export"), "--step", "best"])
+  exported = export.load(str(tmp_path / "export"), batch_size=config.eval_batch_size)
+  for name in suite_names:
+    found = suites.run(name, exported, config.eval.data_dir, batch_size=config.eval_batch_size)
+    expected = {f"eval/{k}": v for k, v in clip_benchmark.flat(name, found["metrics"]).items()}
+    assert expected and set(expected) <= set(from_suites)
+    for key, value in expected.items():
+      assert from_suites[key] == pytest.approx(value, abs=1e-4), key
+  assert {"eval/records/val/colour/acc1", "eval/wds/wds_colours/acc1",
+          "eval/records/val/image_retrieval_recall@1"} <= set(from_suites)
+  assert from_suites["eval/wds/wds_colours/seconds"] > 0
+  missing = [r.getMessage() for r in caplog.records if "config.eval.suites" in r.getMessage()]
+  assert len(missing) == 1 and missing[0].startswith(
+      f"config.eval.suites: imagenet skipped: not found at {config.eval.data_dir}"), missing
   assert 0 <= result["zero_shot/colour"] <= 1 and result["eval/skipped"] == 0
   logged = _metrics(workdir)
   train_rows = [m for m in logged if "loss" in m]
@@ -146,13 +175,15 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypa
   assert compiled[0]["compile/temp_bytes"] > 0 and compiled[0]["compile/equations"] > 0
   assert len(steps) == 1 and isinstance(steps[0], jax.stages.Compiled)
   assert train_rows[11]["active_order"] == 1 and train_rows[12]["active_order"] == 2
-  assert "zero_shot/colour" in logged[-1]
+  assert any("zero_shot/colour" in m for m in logged[-4:])
   assert json.load(open(os.path.join(workdir, "config.json")))["batch_size"] == 32
   events = EventAccumulator(os.path.join(workdir, "tensorboard"))
   events.Reload()
   assert [e.step for e in events.Scalars("loss")] == list(range(1, 17))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "8"]
+  assert "eval/wds/wds_colours/acc1" in logged[-1]
   # A finished run resumes at its end: no step is taken again.
+  config.eval.suites = ""
   train.train_and_evaluate(config, workdir)
   assert len([m for m in _metrics(workdir) if "loss" in m]) == 16
 

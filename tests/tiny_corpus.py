@@ -4,6 +4,7 @@ the shapes the export writes."""
 
 import io
 import os
+import tarfile
 
 import numpy as np
 from PIL import Image
@@ -71,3 +72,28 @@ def synthetic(tmp_path, num: int = 64, **kw) -> str:
   build.build(build_args(source="synthetic", out=out, num=num, shard_size=16, workers=1,
                          image_size=48, **kw))
   return out
+
+
+def wds(root, examples, *, classes=None, templates=None) -> str:
+  """`examples` `[(name, image bytes, label)]` (with `classes`, and the
+  `templates` text when given) or `[(name, image bytes, [captions])]` (a
+  retrieval set, without) written as `clip_benchmark_export_wds` lays a test
+  split out under the `pathlib.Path` `root`; returns `root`."""
+  retrieval = classes is None
+  os.makedirs(root / "test")
+  with tarfile.open(root / "test" / "0.tar", "w") as tar:
+    for i, (_, data, target) in enumerate(examples):
+      ext = "png" if data.startswith(b"\x89PNG") else "jpg"
+      text = "\n".join(target).encode() if retrieval else str(target).encode()
+      for member, payload in ((ext, data), ("txt" if retrieval else "cls", text)):
+        info = tarfile.TarInfo(f"s{i:07d}.{member}")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+  (root / "test" / "nshards.txt").write_text("1\n")
+  if retrieval:
+    (root / "dataset_type.txt").write_text("retrieval\n")
+  else:
+    (root / "classnames.txt").write_text("\n".join(classes) + "\n")
+    if templates is not None:
+      (root / "zeroshot_classification_templates.txt").write_text(templates)
+  return str(root)

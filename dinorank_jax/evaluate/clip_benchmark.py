@@ -47,7 +47,7 @@ def records(results: dict) -> list[dict]:
         if renamed is None:
           continue
         task, part, name = renamed
-        dataset = _dataset_name(suite)
+        dataset = dataset_name(suite)
         dataset = dataset if not part or part == "label" else f"{dataset}/{part}"
         key = (model, dataset, task)
         record = out.setdefault(key, {"dataset": dataset, "model": model,
@@ -60,10 +60,30 @@ def records(results: dict) -> list[dict]:
   return list(out.values())
 
 
-def _dataset_name(suite: str) -> str:
-  """CLIP_benchmark names its webdatasets `wds/<name>`; ours are `wds:DIR`."""
-  if suite.startswith("wds:"):
-    return "wds/" + os.path.basename(os.path.normpath(suite[len("wds:"):]))
+def flat(suite: str, metrics: dict) -> dict[str, float]:
+  """`{"<dataset>/<metric>": value}` for one suite's metrics: CLIP_benchmark's
+  dataset and metric names where it has them (`imagenet/acc1`,
+  `wds/vtab-cifar10/acc5`, `synthetic/colour/acc1`,
+  `coco/image_retrieval_recall@5`), `<suite>/<our name>` for the rest
+  (`synthetic/probe/colour/top1`). The trainer logs them under `eval/`."""
+  out = {}
+  for metric, value in metrics.items():
+    renamed = rename(metric)
+    if renamed is None:
+      out[f"{dataset_name(suite)}/{metric}"] = value
+      continue
+    _, part, name = renamed
+    dataset = dataset_name(suite)
+    out[f"{dataset if not part or part == 'label' else f'{dataset}/{part}'}/{name}"] = value
+  return out
+
+
+def dataset_name(suite: str) -> str:
+  """CLIP_benchmark names its webdatasets `wds/<name>`; ours are `wds:DIR`.
+  `records:DIR` and `folder:DIR` are named the same way (`records/<name>`)."""
+  kind, colon, directory = suite.partition(":")
+  if colon and kind in ("wds", "records", "folder"):
+    return f"{kind}/{os.path.basename(os.path.normpath(directory))}"
   return suite
 
 

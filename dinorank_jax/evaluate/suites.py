@@ -231,15 +231,14 @@ def fidelity(embedded: dict) -> tuple[dict, dict]:
                         "teacher_gram": grams[0], "student_gram": grams[1]}})
 
 
-def _probe_splits(model, dataset: Dataset, data_dir: str, limit: int, batch_size: int):
-  train = embed_split(model, find(dataset, data_dir, "train"), limit=limit,
-                      batch_size=batch_size)
-  test = embed_split(model, find(dataset, data_dir, "test"), batch_size=batch_size)
-  try:
-    return train, embed_split(model, find(dataset, data_dir, "val"), limit=limit,
-                              batch_size=batch_size), test
-  except NotFound:
+def _probe_splits(model, splits: dict, limit: int, batch_size: int):
+  """The embedded train, validation (carved from train when the dataset has
+  none) and test splits of a probe."""
+  train = embed_split(model, splits["train"], limit=limit, batch_size=batch_size)
+  test = embed_split(model, splits["test"], batch_size=batch_size)
+  if "val" not in splits:
     return (*_carve_val(train), test)
+  return train, embed_split(model, splits["val"], limit=limit, batch_size=batch_size), test
 
 
 def _carve_val(train: dict) -> tuple[dict, dict]:
@@ -265,8 +264,7 @@ def _probe_metrics(train, val, test) -> dict[str, float]:
   return out
 
 
-def _records_metrics(model, directory: str, batch_size: int) -> tuple[dict, dict, dict]:
-  split = records_split(directory)
+def _records_metrics(model, split, batch_size: int) -> tuple[dict, dict, dict]:
   held_out = embed_split(model, split, fidelity=model.has_image_student, batch_size=batch_size)
   gap_metrics, plots = gap(model, held_out)
   found = {**_prefixed("zero_shot", zero_shot(model, held_out, SYNTHETIC_TEMPLATES)),
@@ -277,51 +275,82 @@ def _records_metrics(model, directory: str, batch_size: int) -> tuple[dict, dict
   return found, plots, held_out
 
 
+def locate(name: str, data_dir: str) -> dict:
+  """The splits suite `name` reads, by role (`test`, and `train` and `val`
+  where it has them), found under `data_dir` or its DIR; raises `NotFound`
+  or `Damaged` when they are not there. Cheap: nothing is decoded."""
+  if name in ZERO_SHOT:
+    return {"test": find(ZERO_SHOT[name], data_dir, "test")}
+  if name.startswith("folder:"):
+    return {"test": folder_split(_directory(name))}
+  if name.startswith("wds:"):
+    return {"test": wds_split(_directory(name))}
+  if name == "coco":
+    return {"test": find(COCO, data_dir, "test")}
+  if name == "gap":
+    return {"test": find(COCO, data_dir, "val")}
+  if name.startswith("probe:"):
+    key = name[len("probe:"):]
+    dataset = PROBES.get(key, Dataset(key, key))
+    splits = {"train": find(dataset, data_dir, "train"), "test": find(dataset, data_dir, "test")}
+    try:
+      splits["val"] = find(dataset, data_dir, "val")
+    except NotFound:
+      pass
+    return splits
+  if name.startswith("records:"):
+    return {"test": records_split(_directory(name))}
+  if name == "synthetic":
+    return {"test": records_split(os.path.join(data_dir, "val")),
+            "train": records_split(os.path.join(data_dir, "train"))}
+  raise _unknown(name)
+
+
+def missing(name: str, data_dir: str) -> str | None:
+  """Why suite `name` cannot run (its `run` status), or None when its data is there."""
+  try:
+    locate(name, data_dir)
+  except NotFound as e:
+    return f"skipped: not found at {e}"
+  except Damaged as e:
+    return f"skipped: damaged: {e}"
+  return None
+
+
 def run(name: str, model, data_dir: str, *, batch_size: int = 256,
         probe_limit: int = PROBE_LIMIT) -> dict:
   """One suite on one model: the result dict of the module docstring."""
   try:
-    if name in ZERO_SHOT:
-      dataset = ZERO_SHOT[name]
-      embedded = embed_split(model, find(dataset, data_dir, "test"), batch_size=batch_size)
-      return _ok(embedded, _prefixed("zero_shot", zero_shot(
-          model, embedded, imagenet_templates(), present_only=dataset.present_only)),
-          present_only=dataset.present_only)
-    if name.startswith("folder:"):
-      embedded = embed_split(model, folder_split(_directory(name)), batch_size=batch_size)
-      return _ok(embedded, _prefixed("zero_shot", zero_shot(model, embedded, imagenet_templates())))
-    if name.startswith("wds:"):
-      embedded = embed_split(model, wds_split(_directory(name)), batch_size=batch_size)
-      if "captions" in embedded:
+    splits = locate(name, data_dir)
+    test = splits["test"]
+    if name in ZERO_SHOT or name.startswith("folder:") or name.startswith("wds:"):
+      embedded = embed_split(model, test, batch_size=batch_size)
+      if "captions" in embedded:              # a CLIP_benchmark retrieval set
         return _ok(embedded, _prefixed("retrieval", retrieval(model, embedded)))
+      present_only = name in ZERO_SHOT and ZERO_SHOT[name].present_only
       templates = embedded["templates"] or imagenet_templates()
-      return _ok(embedded, _prefixed("zero_shot", zero_shot(model, embedded, templates)))
+      return _ok(embedded, _prefixed("zero_shot", zero_shot(
+          model, embedded, templates, present_only=present_only)), present_only=present_only)
     if name == "coco":
-      embedded = embed_split(model, find(COCO, data_dir, "test"), batch_size=batch_size)
+      embedded = embed_split(model, test, batch_size=batch_size)
       return _ok(embedded, _prefixed("retrieval", retrieval(model, embedded)))
     if name == "gap":
-      embedded = embed_split(model, find(COCO, data_dir, "val"), batch_size=batch_size)
+      embedded = embed_split(model, test, batch_size=batch_size)
       found, plots = gap(model, embedded)
       return _ok(embedded, _prefixed("gap", found), plots)
     if name.startswith("probe:"):
-      key = name[len("probe:"):]
-      dataset = PROBES.get(key, Dataset(key, key))
-      train, val, test = _probe_splits(model, dataset, data_dir, probe_limit, batch_size)
+      train, val, test = _probe_splits(model, splits, probe_limit, batch_size)
       return _ok(test, _prefixed("probe", _probe_metrics(train, val, test)))
-    if name.startswith("records:"):
-      found, plots, held_out = _records_metrics(model, _directory(name), batch_size)
-      return _ok(held_out, found, plots)
+    found, plots, held_out = _records_metrics(model, test, batch_size)
     if name == "synthetic":
-      found, plots, held_out = _records_metrics(model, os.path.join(data_dir, "val"), batch_size)
-      train = embed_split(model, records_split(os.path.join(data_dir, "train")),
-                          limit=probe_limit, batch_size=batch_size)
+      train = embed_split(model, splits["train"], limit=probe_limit, batch_size=batch_size)
       probes = _probe_metrics(*_carve_val(train), held_out)
-      return _ok(held_out, {**found, **_prefixed("probe", probes)}, plots)
+      found = {**found, **_prefixed("probe", probes)}
+    return _ok(held_out, found, plots)
   except NotFound as e:
     return {"status": f"skipped: not found at {e}"}
   except Damaged as e:
     return {"status": f"skipped: damaged: {e}"}
-  raise _unknown(name)
 
 
 def _directory(name: str) -> str:
