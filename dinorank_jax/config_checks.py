@@ -119,7 +119,8 @@ def validate(config) -> None:
 
 def eval_suites(config) -> list[str]:
   """The suite names of `config.eval.suites`, groups expanded (none: [])."""
-  names = [n.strip() for n in config.eval.suites.split(",") if n.strip()]
+  listed = config.eval.suites
+  names = [n.strip() for n in listed.split(",") if n.strip()]
   try:
     return suites.expand(names)
   except ValueError as e:

@@ -106,6 +106,21 @@ def test_r3_without_data_names_the_flag(tmp_path):
   assert proc.returncode == 1 and "config.data.path=/nowhere holds no dataset" in out
 
 
+def test_a_failing_evaluation_suite_is_one_line_and_the_run_goes_on(tmp_path, caplog):
+  class Failing:           # what an evaluation suite asks of a model, failing where it computes
+    batch_size, image_size, has_image_student = 4, 16, False
+
+    def encode_image(self, images):
+      raise RuntimeError("device out of memory")
+  one = [("0", tiny_corpus.jpeg(np.zeros((8, 8, 3), np.uint8)), 0)]
+  name = f"wds:{tiny_corpus.wds(tmp_path / 'w', one, classes=['black'])}"
+  assert train.run_suite(name, Failing(), "", 40) == {}
+  assert (f"evaluation suite {name} failed at step 40 (RuntimeError: device out of memory); "
+          "training goes on") in caplog.text
+  assert train.run_suite(f"wds:{tmp_path / 'gone'}", Failing(), "", 40) == {}
+  assert f"evaluation suite wds:{tmp_path / 'gone'} at step 40: skipped: not found at" in caplog.text
+
+
 @pytest.mark.slow
 def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypatch, caplog):
   """Slow: the whole loop, from data to held-out evaluation and evaluation
@@ -122,6 +137,7 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypa
   config.eval.suites = ",".join([*suite_names, "imagenet"])     # no ImageNet under data_dir
   config.eval.data_dir = str(tmp_path / "datasets")
   config.eval.keep_best = "eval/wds/wds_colours/acc1"
+  config.eval_every = 8                 # evaluated at steps 8 and 16
   # The progress bar (its rate and ETA) starts once the step is compiled.
   order, compile_fitting, bar, steps = [], train._compile_fitting, train.tqdm, []
 
@@ -138,9 +154,12 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypa
   assert set(result) - set(from_suites) == {
       "eval/skipped", "eval/examples", "retrieval/i2t_r1", "retrieval/t2i_r1",
       "zero_shot/colour", "zero_shot/shape", "zero_shot/colour_shape_texture"}
-  # The suites' numbers are an export's of the same step, named as CLIP_benchmark names them;
-  # the only evaluation, at the end, is the best.
-  assert checkpoint.read_best(workdir)["step"] == 16
+  # The suites' numbers at the best step are an export's of that step, named as
+  # CLIP_benchmark names them.
+  at = {step: {k: v for m in _metrics(workdir) if m["step"] == step for k, v in m.items()}
+        for step in (8, 16)}
+  best = max((8, 16), key=lambda step: (at[step][config.eval.keep_best], -step))
+  assert checkpoint.read_best(workdir)["step"] == best
   export.main(["--workdir", workdir, "--out", str(tmp_path / "export"), "--step", "best"])
   exported = export.load(str(tmp_path / "export"), batch_size=config.eval_batch_size)
   for name in suite_names:
@@ -148,7 +167,7 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypa
     expected = {f"eval/{k}": v for k, v in clip_benchmark.flat(name, found["metrics"]).items()}
     assert expected and set(expected) <= set(from_suites)
     for key, value in expected.items():
-      assert from_suites[key] == pytest.approx(value, abs=1e-4), key
+      assert at[best][key] == pytest.approx(value, abs=1e-4), key
   assert {"eval/records/val/colour/acc1", "eval/wds/wds_colours/acc1",
           "eval/records/val/image_retrieval_recall@1"} <= set(from_suites)
   assert from_suites["eval/wds/wds_colours/seconds"] > 0
