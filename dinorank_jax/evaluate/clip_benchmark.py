@@ -47,8 +47,7 @@ def records(results: dict) -> list[dict]:
         if renamed is None:
           continue
         task, part, name = renamed
-        dataset = dataset_name(suite)
-        dataset = dataset if not part or part == "label" else f"{dataset}/{part}"
+        dataset = _task_dataset(dataset_name(suite), part)
         key = (model, dataset, task)
         record = out.setdefault(key, {"dataset": dataset, "model": model,
                                       "pretrained": entry["path"], "task": task,
@@ -64,18 +63,22 @@ def flat(suite: str, metrics: dict) -> dict[str, float]:
   """`{"<dataset>/<metric>": value}` for one suite's metrics: CLIP_benchmark's
   dataset and metric names where it has them (`imagenet/acc1`,
   `wds/vtab-cifar10/acc5`, `synthetic/colour/acc1`,
-  `coco/image_retrieval_recall@5`), `<suite>/<our name>` for the rest
+  `coco/image_retrieval_recall@5`), ours for the rest
   (`synthetic/probe/colour/top1`). The trainer logs them under `eval/`."""
-  out = {}
+  dataset, out = dataset_name(suite), {}
   for metric, value in metrics.items():
     renamed = rename(metric)
     if renamed is None:
-      out[f"{dataset_name(suite)}/{metric}"] = value
-      continue
-    _, part, name = renamed
-    dataset = dataset_name(suite)
-    out[f"{dataset if not part or part == 'label' else f'{dataset}/{part}'}/{name}"] = value
+      out[f"{dataset}/{metric}"] = value
+    else:
+      out[f"{_task_dataset(dataset, renamed[1])}/{renamed[2]}"] = value
   return out
+
+
+def _task_dataset(dataset: str, task: str) -> str:
+  """The dataset name of one zero-shot task (`synthetic/colour`); a dataset's
+  only task (`label`) and retrieval keep the dataset's own."""
+  return dataset if task in ("", "label") else f"{dataset}/{task}"
 
 
 def dataset_name(suite: str) -> str:
