@@ -13,6 +13,7 @@ the loop, export, warm-start and evaluation tests, and every term's
 reduction over devices is the data-parallel step test's (test_step.py).
 """
 
+import json
 import os
 import runpy
 
@@ -43,3 +44,9 @@ def lean_config(arg):
   c = get_config(arg)
   c.model.students = "none"
   return c
+
+
+def logged_metrics(workdir: str) -> list[dict]:
+  """The rows of a run's `metrics.jsonl`."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]

@@ -310,11 +310,14 @@ def missing(name: str, data_dir: str) -> str | None:
   """Why suite `name` cannot run (its `run` status), or None when its data is there."""
   try:
     locate(name, data_dir)
-  except NotFound as e:
-    return f"skipped: not found at {e}"
-  except Damaged as e:
-    return f"skipped: damaged: {e}"
+  except (NotFound, Damaged) as e:
+    return _skipped(e)
   return None
+
+
+def _skipped(e: Exception) -> str:
+  """The status of a suite whose data is missing (`NotFound`) or damaged."""
+  return f"skipped: not found at {e}" if isinstance(e, NotFound) else f"skipped: damaged: {e}"
 
 
 def run(name: str, model, data_dir: str, *, batch_size: int = 256,
@@ -347,10 +350,8 @@ def run(name: str, model, data_dir: str, *, batch_size: int = 256,
       probes = _probe_metrics(*_carve_val(train), held_out)
       found = {**found, **_prefixed("probe", probes)}
     return _ok(held_out, found, plots)
-  except NotFound as e:
-    return {"status": f"skipped: not found at {e}"}
-  except Damaged as e:
-    return {"status": f"skipped: damaged: {e}"}
+  except (NotFound, Damaged) as e:
+    return {"status": _skipped(e)}
 
 
 def _directory(name: str) -> str:
