@@ -47,4 +47,5 @@ def get_config(arg=None):
   c.log_every = 20
   c.eval_every = 0
   c.eval_batch_size = 256
+  c.eval.data_dir = "data/demo"     # the synthetic suite's corpus (python -m dinorank_jax.sweep)
   return c

@@ -237,6 +237,13 @@ def read_best(workdir: str) -> dict | None:
     return None
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of a run's complete checkpoints, ascending; reads the
+  directory only (safe on any process of a job, with or without a run)."""
+  return sorted(ocp.path.step.checkpoint_steps(os.path.abspath(os.path.join(workdir,
+                                                                           "checkpoints"))))
+
+
 class Checkpointer:
   """Saves every `save_every` steps (and when forced), keeps `max_to_keep`
   and, with `best` (a `Best`), the best step's checkpoint too."""

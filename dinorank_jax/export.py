@@ -150,19 +150,18 @@ def trained_params(workdir: str, step: int | str | None = None) -> tuple[dict, i
                              f"{checkpoint.BEST_FILE}): train it with config.eval.keep_best set, "
                              "or pass a step number")
     step = best["step"]
-  manager = ocp.CheckpointManager(directory)
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
+  steps = checkpoint.saved_steps(workdir)
+  step = (steps[-1] if steps else None) if step is None else step
+  if step is None or step not in steps:
     raise errors.UserError(f"no checkpoint {'' if step is None else step} in {directory}: "
-                     "train the run first, or pass --step with one of "
-                     f"{sorted(manager.all_steps())}")
+                           f"train the run first, or pass --step with one of {steps}")
   path = os.path.join(directory, str(step), "state")
   checkpoint.quiet_orbax_noise()
   try:
     saved = checkpoint.read_metadata(path)
   except checkpoint.MissingMetadata as e:
     raise errors.UserError(f"checkpoint {step} of {workdir} is damaged ({e}): pass --step with "
-                           f"an earlier one of {sorted(manager.all_steps())}") from None
+                           f"an earlier one of {steps}") from None
   state = ocp.StandardCheckpointer().restore(path, _on_one_device(saved))
   return state["params"], step
 

@@ -13,6 +13,7 @@ with `--num_processes` and `--process_id`; every process runs this same
 command. On CPU the collectives go through gloo.
 """
 
+import collections
 import difflib
 import importlib.util
 import logging as std_logging
@@ -39,11 +40,14 @@ _ALLOW_CHANGE = flags.DEFINE_bool(
     "data order (docs/reliability.md)")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False,
                                    "print the resolved config (overrides applied) and exit")
-USAGE = ("python -m dinorank_jax.main --config configs/r3.py[:DATA] --workdir DIR "
-         "[--config.FIELD=VALUE ...]")
 HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
-OWN_FLAGS = (_CONFIG, _WORKDIR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _ALLOW_CHANGE,
-             _PRINT_CONFIG)
+# What `--help` and the flag errors of a command built on these flags say:
+# its usage line, one-line summary and the flags it reads.
+Command = collections.namedtuple("Command", "usage summary flags")
+MAIN = Command("python -m dinorank_jax.main --config configs/r3.py[:DATA] --workdir DIR "
+               "[--config.FIELD=VALUE ...]", __doc__.split("\n")[0],
+               (_CONFIG, _WORKDIR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _ALLOW_CHANGE,
+                _PRINT_CONFIG))
 
 
 def load_config_file(spec: str):
@@ -85,12 +89,12 @@ def suggest(field: str, config) -> str | None:
   return best if best is not None and score(best) >= 0.75 else None
 
 
-def _help(argv: list[str]) -> str:
+def _help(argv: list[str], command: Command) -> str:
   """`--help`: usage, the flags, and every config field with its value."""
   spec = _config_spec(argv)
   config = load_config_file(spec) if spec else config_lib.paper()
-  lines = [f"usage: {USAGE}", "", __doc__.split("\n")[0], "", "flags:"]
-  for flag in OWN_FLAGS:
+  lines = [f"usage: {command.usage}", "", command.summary, "", "flags:"]
+  for flag in command.flags:
     default = "" if flag.default in (None, False) else f" (default {flag.default})"
     lines.append(f"  --{flag.name}: {flags.FLAGS[flag.name].help}{default}")
   lines += ["", f"config fields ({spec or 'the paper recipe, configs/r3.py'}), each settable "
@@ -99,7 +103,7 @@ def _help(argv: list[str]) -> str:
   return "\n".join(lines)
 
 
-def _flag_error(error: Exception, argv: list[str]) -> str:
+def _flag_error(error: Exception, argv: list[str], command: Command) -> str:
   """One line for a command line that does not parse: a bad value names the
   flag, the value and the type expected; an unknown flag or config field
   gets the closest real one."""
@@ -109,7 +113,7 @@ def _flag_error(error: Exception, argv: list[str]) -> str:
     name, value = bad_value.groups()
     return f"bad value {value!r} for --{name}: expected {_expected(name, argv)}"
   if isinstance(error, flags.UnrecognizedFlagError):
-    return _unknown_flag(error.flagname, argv)
+    return _unknown_flag(error.flagname, argv, command)
   if isinstance(error, (KeyError, AttributeError)):   # a field missing inside a section
     missing = re.match(r"(\w+)", message).group(1)
     field = next((a.removeprefix("--config.").split("=")[0] for a in argv
@@ -147,14 +151,14 @@ def _unknown_field(field: str, argv: list[str]) -> str:
           "(python -m dinorank_jax.main --help lists the fields)")
 
 
-def _unknown_flag(name: str, argv: list[str]) -> str:
+def _unknown_flag(name: str, argv: list[str], command: Command) -> str:
   """`--workdr` → `--workdir`; `--confg.epochs` → `--config.epochs`."""
   if "." in name:
     closest = _closest_field(name.partition(".")[2], argv)
     hint = (f"did you mean --config.{closest}?" if closest
             else "config fields are set as --config.FIELD=VALUE")
   else:
-    closest = difflib.get_close_matches(name, [f.name for f in OWN_FLAGS], n=1)
+    closest = difflib.get_close_matches(name, [f.name for f in command.flags], n=1)
     hint = f"did you mean --{closest[0]}?" if closest else "see --help"
   return f"unknown flag --{name}: {hint}"
 
@@ -174,12 +178,13 @@ def _config_path(argv: list[str]) -> str:
   return "(--config)" if spec is None else spec.split(":")[0]
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], command: Command = MAIN) -> list[str]:
   """absl's parsing, with every command-line mistake as one line; `--help`
-  prints `_help` and exits 0."""
+  prints `_help` and exits 0. A flag that is not among `command.flags` is
+  refused, as unknown."""
   if any(a in HELP_FLAGS for a in argv[1:]):
     try:
-      print(_help(argv))
+      print(_help(argv, command))
     except Exception as e:  # a config file that does not load
       sys.exit(f"error: cannot load the config file {_config_path(argv)}: {e}")
     sys.exit(0)
@@ -193,7 +198,11 @@ def parse_flags(argv: list[str]) -> list[str]:
       why = ("no such file" if "No such file" in str(e)
              else " ".join(str(cause).split())[:200])
       sys.exit(f"error: cannot load the config file {path}: {why} (the configs are in configs/)")
-    sys.exit(f"error: {_flag_error(e, argv)}")
+    sys.exit(f"error: {_flag_error(e, argv, command)}")
+  own = {flag.name for flag in command.flags}
+  for flag in MAIN.flags:          # main's flags that another command does not read
+    if flag.present and flag.name not in own:
+      sys.exit(f"error: {_unknown_flag(flag.name, argv, command)}")
   return rest
 
 
@@ -206,7 +215,7 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()      # coordinator, count and id from SLURM's environment
 
 
-def _quiet_orbax(record: std_logging.LogRecord) -> bool:
+def quiet_orbax(record: std_logging.LogRecord) -> bool:
   """Orbax logs every save at INFO; keep its warnings only."""
   return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
@@ -215,7 +224,7 @@ def _quiet_orbax(record: std_logging.LogRecord) -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_handler().addFilter(quiet_orbax)
   initialize_distributed()
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

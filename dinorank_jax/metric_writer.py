@@ -23,6 +23,8 @@ import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+METRICS = "metrics.jsonl"
+
 
 class MetricWriter:
 
@@ -30,7 +32,7 @@ class MetricWriter:
     self.active, self.wandb = active, None
     if active:
       os.makedirs(workdir, exist_ok=True)
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self.jsonl = open(os.path.join(workdir, METRICS), "a")
       self.tensorboard = EventFileWriter(os.path.join(workdir, "tensorboard"))
       if wandb is not None:
         self.wandb = _wandb_run(workdir, wandb)
@@ -54,6 +56,12 @@ class MetricWriter:
       self.jsonl.close()
       if self.wandb is not None:
         self.wandb.finish()
+
+
+def read(workdir: str) -> list[dict]:
+  """The rows of a run's `metrics.jsonl`, in the order written."""
+  with open(os.path.join(workdir, METRICS)) as f:
+    return [json.loads(line) for line in f]
 
 
 def _wandb_run(workdir: str, arguments: dict):

@@ -133,6 +133,16 @@ def _read_metadata(path: str) -> dict | None:
     return None
 
 
+def epoch_steps(config, meta: dict) -> int:
+  """The steps of an epoch: the records trained on (`config.data.num_records`,
+  else all written) over the global batch."""
+  num_records = config.data.num_records or meta["counts"]["written"]
+  if num_records < config.batch_size:
+    raise config_checks.ConfigError(f"config.batch_size={config.batch_size} exceeds the "
+                                    f"{num_records} records: lower it")
+  return num_records // config.batch_size
+
+
 def build_model(config, meta: dict) -> DinoRankCLIP:
   """The model of `config.model`, with the dataset's vocabulary and, for the
   projecting distillation criteria, its teacher widths."""
@@ -225,11 +235,7 @@ def _train(config, workdir: str, lead: bool, allow_config_change: bool) -> dict:
   config_checks.check_data(config, meta)
 
   mesh = parallel.make_mesh(fsdp=config.mesh.fsdp)
-  num_records = config.data.num_records or meta["counts"]["written"]
-  steps_per_epoch = num_records // config.batch_size
-  if steps_per_epoch == 0:
-    raise config_checks.ConfigError(f"config.batch_size={config.batch_size} exceeds the "
-                                    f"{num_records} records: lower it")
+  steps_per_epoch = epoch_steps(config, meta)
   total_steps = steps_per_epoch * config.epochs
   best = (Best(workdir, config.eval.keep_best, config.eval.keep_best_mode)
           if config.eval.keep_best else None)

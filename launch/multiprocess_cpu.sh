@@ -10,6 +10,8 @@
 #
 # Knobs (environment):
 #   PYTHON   interpreter with dinorank_jax installed (default: python)
+#   MODULE   the command each process runs (default: dinorank_jax.main;
+#            dinorank_jax.sweep takes the same flags and more)
 #   PORT     coordinator port on localhost (default: a random free-looking one)
 #   XLA_FLAGS  kept, with the device count set after it (the last count wins)
 # If one process fails, the others are stopped and its exit status returned.
@@ -24,7 +26,7 @@ port=${PORT:-$((20000 + RANDOM % 20000))}
 pids=()
 for ((i = 0; i < n; i++)); do
   JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices" \
-    "${PYTHON:-python}" -m dinorank_jax.main --coordinator_address="localhost:$port" \
+    "${PYTHON:-python}" -m "${MODULE:-dinorank_jax.main}" --coordinator_address="localhost:$port" \
     --num_processes="$n" --process_id="$i" "$@" &
   pids+=($!)
 done

@@ -70,12 +70,12 @@ def test_command_line_mistakes_name_the_flag_the_value_and_the_closest_field(arg
   argv = ["main", "--config=configs/demo.py", *argv]
   fresh = absl_flags.FlagValues()
   config_flags.DEFINE_config_file("config", flag_values=fresh, sys_argv=argv, lock_config=True)
-  for flag in main.OWN_FLAGS[1:]:
+  for flag in main.MAIN.flags[1:]:
     fresh[flag.name] = absl_flags.FLAGS[flag.name]
   monkeypatch.chdir(ROOT)
   with pytest.raises(Exception) as caught:
     fresh(argv)
-  line = main._flag_error(caught.value, argv)                  # pylint: disable=protected-access
+  line = main._flag_error(caught.value, argv, main.MAIN)                # pylint: disable=protected-access
   assert line.removesuffix(" (python -m dinorank_jax.main --help lists the fields)") == message
 
 

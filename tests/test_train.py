@@ -19,14 +19,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dinorank_jax import compilation, parallel, train
+from dinorank_jax import compilation, metric_writer, parallel, train
 from dinorank_jax.config import default_compilation_cache
 from dinorank_jax.data import records
 from dinorank_jax.losses.distill import CRITERIA
 from dinorank_jax.models.fusion import FUSION_MODES
 from dinorank_jax.step import Objective
 from tests import tiny_corpus
-from tests.tiny_config import CONFIGS, LEAN_FLAGS, lean_config, logged_metrics
+from tests.tiny_config import CONFIGS, LEAN_FLAGS, lean_config
 from tests.xla_options import FAST_COMPILE, trainer_env
 
 ROOT = os.path.dirname(CONFIGS)
@@ -139,11 +139,12 @@ def test_resuming_with_more_epochs_reads_the_step_from_the_cache(tmp_path):
     train.train_and_evaluate(config, workdir)
   finally:
     compilation.use_cache(default_compilation_cache())
-  compiles = [m["compile/from_cache"] for m in logged_metrics(workdir) if "compile/from_cache" in m]
+  compiles = [m["compile/from_cache"] for m in metric_writer.read(workdir)
+              if "compile/from_cache" in m]
   assert compiles == [0.0, 1.0]
-  steps = [m["step"] for m in logged_metrics(workdir) if "loss" in m]
+  steps = [m["step"] for m in metric_writer.read(workdir) if "loss" in m]
   assert steps == list(range(1, 11))
-  lr = {m["step"]: m["lr"] for m in logged_metrics(workdir) if "lr" in m}
+  lr = {m["step"]: m["lr"] for m in metric_writer.read(workdir) if "lr" in m}
   assert lr[10] < lr[7] and abs(lr[7] - 1e-3) < 1e-9     # lr(6): the new run's peak
 
 
@@ -173,9 +174,9 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
   _wait_for(lambda: saved(16), proc)
   proc.send_signal(signal.SIGKILL)                      # no chance to save or clean up
   proc.wait()
-  killed_at = max(m["step"] for m in logged_metrics(resumed))
+  killed_at = max(m["step"] for m in metric_writer.read(resumed))
   proc = start(resumed, *flags)                         # resumes from 16
-  _wait_for(lambda: max(m["step"] for m in logged_metrics(resumed)) >= killed_at + 6, proc)
+  _wait_for(lambda: max(m["step"] for m in metric_writer.read(resumed)) >= killed_at + 6, proc)
   proc.send_signal(signal.SIGTERM)                      # preemption: save, then exit
   assert proc.wait(timeout=300) == 0
   steps = sorted(int(s) for s in os.listdir(os.path.join(resumed, "checkpoints")))
@@ -184,8 +185,8 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path):
   assert proc.wait(timeout=600) == 0, proc.communicate()[0][-3000:]
 
   # Every step's loss after the resume equals the straight run's: same batches.
-  first = {m["step"]: m["loss"] for m in logged_metrics(straight) if "loss" in m}
-  for m in logged_metrics(resumed):
+  first = {m["step"]: m["loss"] for m in metric_writer.read(straight) if "loss" in m}
+  for m in metric_writer.read(resumed):
     if "loss" in m:                                   # not the compile rows of each start
       assert m["loss"] == first[m["step"]], m["step"]
   for a, b in zip(_saved_params(straight, 36), _saved_params(resumed, 36)):
@@ -205,7 +206,7 @@ def test_ctrl_c_saves_the_step_under_way_and_says_so_in_one_line(tmp_path):
                "--config.epochs=100", "--config.checkpoint.every=1000",          # 200 steps
                "--config.data.eval_path=")
   _wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl"))
-            and any("loss" in m for m in logged_metrics(workdir)), proc)
+            and any("loss" in m for m in metric_writer.read(workdir)), proc)
   proc.send_signal(signal.SIGINT)
   out = proc.communicate(timeout=300)[0]
   assert proc.returncode == 130, out[-3000:]
@@ -250,7 +251,7 @@ def test_two_processes_of_four_devices_equal_one_of_eight_and_resume_on_any_coun
   proc = subprocess.run(["bash", LAUNCH_CPU, "2", "4", f"--workdir={multi}", *flags],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-  one, two = logged_metrics(single), logged_metrics(multi)
+  one, two = metric_writer.read(single), metric_writer.read(multi)
   assert [m["step"] for m in one] == [m["step"] for m in two]
   # Gloo's narrow send buffers (`parallel.GlooSendBuffers`) hold every step to
   # 12 s or more, waiting with the cores idle, so load cannot hide them; widened,
@@ -279,7 +280,7 @@ def test_two_processes_of_four_devices_equal_one_of_eight_and_resume_on_any_coun
     assert proc.returncode == 0, out[-3000:]
     assert (f"checkpoint {keep} holds the data positions of {writers} processes; "
             f"resumed on {processes} at global batch {keep}") in out
-    rows = logged_metrics(multi)
+    rows = metric_writer.read(multi)
     resumed = rows[max(i for i, m in enumerate(rows) if "compile/equations" in m) + 1:]
     assert [m["step"] for m in resumed if "loss" in m] == list(range(keep + 1, 4))
     _assert_same_steps([m for m in one if m["step"] > keep], resumed)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dinorank_jax import checkpoint, export, train
+from dinorank_jax import checkpoint, export, metric_writer, train
 from dinorank_jax.evaluate import clip_benchmark, suites
 from tests import tiny_corpus
-from tests.tiny_config import get_config as tiny_config, logged_metrics
+from tests.tiny_config import get_config as tiny_config
 
 
 def test_a_failing_evaluation_suite_is_one_line_and_the_run_goes_on(tmp_path, caplog):
@@ -67,7 +67,7 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypa
       "zero_shot/colour", "zero_shot/shape", "zero_shot/colour_shape_texture"}
   # The suites' numbers at the best step are an export's of that step, named as
   # CLIP_benchmark names them.
-  at = {step: {k: v for m in logged_metrics(workdir) if m["step"] == step for k, v in m.items()}
+  at = {step: {k: v for m in metric_writer.read(workdir) if m["step"] == step for k, v in m.items()}
         for step in (8, 16)}
   best = max((8, 16), key=lambda step: (at[step][config.eval.keep_best], -step))
   assert checkpoint.read_best(workdir)["step"] == best
@@ -86,7 +86,7 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypa
   assert len(missing) == 1 and missing[0].startswith(
       f"config.eval.suites: imagenet skipped: not found at {config.eval.data_dir}"), missing
   assert 0 <= result["zero_shot/colour"] <= 1 and result["eval/skipped"] == 0
-  logged = logged_metrics(workdir)
+  logged = metric_writer.read(workdir)
   train_rows = [m for m in logged if "loss" in m]
   assert [m["step"] for m in train_rows] == list(range(1, 17))
   for key in ("clip", "rank_cross", "rank_in", "distill_image", "distill_text", "fusion_gate",
@@ -115,4 +115,4 @@ def test_loop_writes_metrics_config_checkpoints_and_evaluates(tmp_path, monkeypa
   # A finished run resumes at its end: no step is taken again.
   config.eval.suites = ""
   train.train_and_evaluate(config, workdir)
-  assert len([m for m in logged_metrics(workdir) if "loss" in m]) == 16
+  assert len([m for m in metric_writer.read(workdir) if "loss" in m]) == 16

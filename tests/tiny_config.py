@@ -13,7 +13,6 @@ the loop, export, warm-start and evaluation tests, and every term's
 reduction over devices is the data-parallel step test's (test_step.py).
 """
 
-import json
 import os
 import runpy
 
@@ -46,7 +45,4 @@ def lean_config(arg):
   return c
 
 
-def logged_metrics(workdir: str) -> list[dict]:
-  """The rows of a run's `metrics.jsonl`."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+

@@ -4,8 +4,11 @@ its examples, skipped examples, compute dtype, each metric group with the
 chance level beside it, and the retrieval tie rule) and PNG figures, all drawn from the JSON alone so that
 `--compare` can put earlier evaluations side by side without a model.
 
-Figures: `order_sweep.png` (zero-shot top-1 against the rank order R, drawn
-when the models span two orders or more; the report says so otherwise),
+Across two rank orders or more, `order_table` adds the paper's Table 5
+layout (accuracy and, for the models of a sweep, training cost by order).
+Figures: `order_sweep.png` (zero-shot top-1 and, for a sweep, step time
+against the rank order R, drawn when the models span two orders or more;
+the report says so otherwise),
 `modality_gap.png` (both clouds on their first two principal axes, one panel
 per model), `fidelity.png` (the teacher–student Gram cosine histogram of
 each model) and `gram.png` (teacher and student Gram matrices of the first
@@ -23,7 +26,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from dinorank_jax.evaluate import clip_benchmark  # pylint: disable=wrong-import-position
+from dinorank_jax.evaluate import clip_benchmark, order_table  # pylint: disable=wrong-import-position
 
 RESULTS = "results.json"
 # (column, suite, metric) per paper table; values are shown in percent.
@@ -122,13 +125,13 @@ def markdown(results: dict) -> str:
     origin = (f"imported from {source['checkpoint']}" if "checkpoint" in source   # convert
               else f"step {source.get('step', '?')}, rank order {source.get('rank_order', '?')}")
     lines.append(f"- **{name}**: {m.get('path', '')} ({origin})")
-  lines += ["", *_paper_tables(models), *_suite_tables(models)]
+  lines += ["", *_paper_tables(models), *order_table.markdown(models), *_suite_tables(models)]
   skipped = [f"- {name} / {suite}: {r['status']}" for name, m in models.items()
              for suite, r in m["suites"].items() if r.get("status") != "ok"]
   if skipped:
     lines += ["## Not measured", "", *skipped, ""]
   figures = results.get("figures", [])
-  orders = sorted({_order(m) for m in models.values()} - {None})
+  orders = sorted({order_table.order(m) for m in models.values()} - {None})
   if len(orders) == 1 and "order_sweep.png" not in figures:
     figures_note = [f"The order sweep needs models of two rank orders or more; these are all "
                     f"R = {orders[0]} (`--compare` reports of other orders to draw it).", ""]
@@ -165,37 +168,6 @@ def _one_axes(path: str, draw, xlabel: str, ylabel: str) -> bool:
   ax.set_ylabel(ylabel)
   ax.legend(fontsize=7)
   return _save(fig, path)
-
-
-def _order(m: dict):
-  return m.get("model", {}).get("source", {}).get("rank_order")
-
-
-def _order_sweep(models: dict, path: str) -> bool:
-  """Drawn only across two rank orders or more: one order is a point, not a sweep."""
-  if len({_order(m) for m in models.values()} - {None}) < 2:
-    return False
-  series = {}
-  for name, m in models.items():
-    order = _order(m)
-    if order is None:
-      continue
-    for suite, result in m["suites"].items():
-      for metric, value in result.get("metrics", {}).items():
-        if metric.startswith("zero_shot/") and metric.endswith("/top1"):
-          label = f"{suite} {metric[len('zero_shot/'):-len('/top1')]}"
-          series.setdefault(label, []).append((order, value))
-  if not series:
-    return False
-
-  def draw(ax):
-    for label, points in sorted(series.items()):
-      points.sort()
-      ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=label)
-    ax.set_xticks(sorted({p[0] for points in series.values() for p in points}))
-    ax.set_title("zero-shot top-1 by rank order (legend: suite and task)", fontsize=9)
-
-  return _one_axes(path, draw, "rank order R", "zero-shot top-1 (%)")
 
 
 def _gap_picture(models: dict, path: str) -> bool:
@@ -261,7 +233,7 @@ def _grams(models: dict, path: str) -> bool:
   return True
 
 
-FIGURES = {"order_sweep.png": _order_sweep, "modality_gap.png": _gap_picture,
+FIGURES = {"order_sweep.png": order_table.figure, "modality_gap.png": _gap_picture,
            "fidelity.png": _fidelity, "gram.png": _grams}
 
 
