@@ -120,6 +120,12 @@ def evaluate_order(config, where: dict, names: list[str], data_dir: str) -> None
       [where["export"]], names, data_dir, batch_size=config.eval_batch_size,
       probe_limit=suites.PROBE_LIMIT, log=lambda line: logging.info("%s", line))
   (model,) = results["models"].values()
+  statuses = [r["status"] for r in model["suites"].values()]
+  if "ok" not in statuses:      # before the other orders train: the data is elsewhere
+    raise errors.UserError(
+        f"order {config.model.rank_order} was trained but nothing was evaluated: every suite was "
+        f"skipped ({statuses[0]}); run again with the right --data_dir or --suite (the trained "
+        "orders are kept)")
   model["training"] = training_cost(where["run"], config, total_steps(config))
   report.write(results, where["report"])
 

@@ -39,6 +39,10 @@ def test_a_sweep_trains_each_order_once_resumes_a_stopped_one_and_reports_every_
   assert sweep.sweep(config, workdir, [0], names, root) is None             # nothing reported
   assert _losses(sweep.paths(workdir, 0)["run"]) == [1, 2, 3, 4]
   monkeypatch.undo()
+  with pytest.raises(errors.UserError, match=r"order 0 was trained but nothing was evaluated: "
+                     r"every suite was skipped \(skipped: not found at .*run again with the right "
+                     r"--data_dir or --suite"):
+    sweep.sweep(config, workdir, [0], [f"records:{tmp_path / 'elsewhere'}"], root)
   merged = sweep.sweep(config, workdir, [0], names, root)
   assert "Table 5" not in open(os.path.join(merged, "report.md")).read()    # one order
   first = os.path.join(sweep.paths(workdir, 0)["report"], report.RESULTS)
