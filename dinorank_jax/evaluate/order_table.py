@@ -68,11 +68,15 @@ def _fmt(value, digits: int = 2) -> str:
   return "–" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(models: dict) -> list[str]:
-  """The table's Markdown lines (none unless the models span two orders)."""
+TITLE = "Table 5 — the order sweep: accuracy and cost by rank order"
+
+
+def table(models: dict) -> tuple[list[str], list[list[str]], list[str]] | None:
+  """The table as `(header, rows, notes)`, cells formatted (`report` lays
+  it out under `TITLE`); None unless the models span two orders."""
   models = swept(models)
   if not models:
-    return []
+    return None
   orders = [order(m) for m in models.values()]
   unique = len(set(orders)) == len(orders)
   header = [f"{o} ({ORDER_NAMES[o]})" if unique and o in ORDER_NAMES else
@@ -108,15 +112,12 @@ def markdown(models: dict) -> list[str]:
   if any(h is not None for h in hours):
     rows += [["training time, steps × step time (h)", *(_fmt(h, 3) for h in hours)],
              ["wall-clock of 64 epochs, paper (h)", *(_fmt(PAPER_HOURS.get(o), 1) for o in orders)]]
-  lines = ["## Table 5 — the order sweep: accuracy and cost by rank order", "",
-           "| rank order | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|",
-           *("| " + " | ".join(r) + " |" for r in rows), ""]
   ran = {(_training(m, "steps"), _training(m, "batch_size"), _machine(m["training"]))
          for m in models.values() if "training" in m}
-  lines += [f"Ours: {steps:,} steps of batch {batch} on {machine}; the step time is the median "
-            "over the logged intervals. The paper's rows are its CC3M runs on 8 × H100."
-            for steps, batch, machine in sorted(ran, key=str)]
-  return lines + [""] if ran else lines
+  notes = [f"Ours: {steps:,} steps of batch {batch} on {machine}; the step time is the median "
+           "over the logged intervals. The paper's rows are its CC3M runs on 8 × H100."
+           for steps, batch, machine in sorted(ran, key=str)]
+  return ["rank order", *header], rows, notes
 
 
 def _machine(training: dict) -> str:

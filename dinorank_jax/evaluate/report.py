@@ -82,6 +82,15 @@ def _paper_tables(models: dict) -> list[str]:
   return lines
 
 
+def _order_table(models: dict) -> list[str]:
+  """The paper's Table 5 layout (`order_table`), across two rank orders or more."""
+  found = order_table.table(models)
+  if found is None:
+    return []
+  header, rows, notes = found
+  return [*_table(order_table.TITLE, header, rows), *notes, *([""] if notes else [])]
+
+
 GROUPS = ("zero_shot", "retrieval", "probe", "gap", "fidelity")
 
 
@@ -125,7 +134,7 @@ def markdown(results: dict) -> str:
     origin = (f"imported from {source['checkpoint']}" if "checkpoint" in source   # convert
               else f"step {source.get('step', '?')}, rank order {source.get('rank_order', '?')}")
     lines.append(f"- **{name}**: {m.get('path', '')} ({origin})")
-  lines += ["", *_paper_tables(models), *order_table.markdown(models), *_suite_tables(models)]
+  lines += ["", *_paper_tables(models), *_order_table(models), *_suite_tables(models)]
   skipped = [f"- {name} / {suite}: {r['status']}" for name, m in models.items()
              for suite, r in m["suites"].items() if r.get("status") != "ok"]
   if skipped:
